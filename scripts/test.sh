@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs into ./.venv (unless a virtual environment is
+# already active) and run it. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+python -m pip install -q --upgrade pip
+# torch 2.13.0 is the CPU build these machines carry; an unpinned torch would pull CUDA.
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+bash scripts/install_upstream.sh
+python -m ruff check hf_optim tests scripts recipes
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+python -m pytest -q "$@"
