@@ -10,7 +10,13 @@ import importlib
 from typing import Any
 
 from ._base import HFOptimizer
-from ._registry import OPTIMIZERS, OptimizerInfo, get_optimizer_class, get_optimizer_info, list_optimizers
+from ._registry import (
+    OPTIMIZERS,
+    OptimizerInfo,
+    get_optimizer_class,
+    get_optimizer_info,
+    list_optimizers,
+)
 
 __version__ = "0.1.0"
 

@@ -160,4 +160,4 @@ class HFOptimizer(torch.optim.Optimizer):
             return {}
         device = values[0].device
         stacked = torch.stack([value.to(device) for value in values])
-        return dict(zip(names, stacked.tolist()))
+        return dict(zip(names, stacked.tolist(), strict=False))

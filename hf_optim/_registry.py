@@ -6,7 +6,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-__all__ = ["OptimizerInfo", "OPTIMIZERS", "get_optimizer_info", "get_optimizer_class", "list_optimizers"]
+__all__ = [
+    "OptimizerInfo",
+    "OPTIMIZERS",
+    "get_optimizer_info",
+    "get_optimizer_class",
+    "list_optimizers",
+]
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             name="casmo",
             class_path="hf_optim.casmo.CASMO",
             description="Adam scaled by an AGAR signal-to-noise confidence (calibrated, DDEA-adapted)",
-            hf_arguments=("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"),
+            hf_arguments=(
+                "learning_rate",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "adam_epsilon",
+            ),
         ),
         OptimizerInfo(
             name="autosgm",
@@ -51,7 +63,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             class_path="hf_optim.amac.AMaC",
             description="Adam with warm-up/cosine, centralization, noise, clipping, Lookahead and SWA",
             owns_schedule=True,
-            hf_arguments=("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"),
+            hf_arguments=(
+                "learning_rate",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "adam_epsilon",
+            ),
         ),
         OptimizerInfo(
             name="momo",
@@ -64,7 +82,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             class_path="hf_optim.momo_adam.MomoAdam",
             description="Adam with a Polyak-type adaptive step size from the loss",
             needs_loss=True,
-            hf_arguments=("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"),
+            hf_arguments=(
+                "learning_rate",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "adam_epsilon",
+            ),
         ),
     )
 }

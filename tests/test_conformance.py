@@ -28,9 +28,7 @@ def make_params(dtype: torch.dtype = torch.float64, seed: int = 0) -> list[torch
     gen = torch.Generator().manual_seed(seed)
     shapes = [(6, 5), (6,), (0, 4), (3, 6), (4,)]
     return [
-        (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5)
-        .to(dtype)
-        .requires_grad_()
+        (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
         for shape in shapes
     ]
 
@@ -77,28 +75,43 @@ def train(case, optimizer, params, steps, start=0):
 def snapshot(optimizer) -> tuple[list, list]:
     """Per-parameter state and group entries (without params), in a comparable form."""
     states = [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
-    groups = [{k: v for k, v in g.items() if k not in ("params", "foreach")} for g in optimizer.param_groups]
+    groups = [
+        {k: v for k, v in g.items() if k not in ("params", "foreach")}
+        for g in optimizer.param_groups
+    ]
     return states, groups
 
 
 def assert_same_structure(a, b, close: bool, path: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{path}: tensor vs {type(b)}"
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        assert a.shape == b.shape and a.dtype == b.dtype, (
+            f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        )
         if close:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, equal_nan=True, msg=lambda m: f"{path}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-9, atol=1e-11, equal_nan=True, msg=lambda m: f"{path}: {m}"
+            )
         else:
-            assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), path
+            assert (
+                torch.equal(a, b)
+                or (a.isnan() == b.isnan()).all()
+                and torch.equal(a.nan_to_num(), b.nan_to_num())
+            ), path
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        assert isinstance(b, dict) and set(a) == set(b), (
+            f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        )
         for key in a:
             assert_same_structure(a[key], b[key], close, f"{path}.{key}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
-        for index, (x, y) in enumerate(zip(a, b)):
+        for index, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_same_structure(x, y, close, f"{path}[{index}]")
     elif isinstance(a, float) and close:
-        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-11) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} vs {b}"
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-11) or (
+            math.isnan(a) and math.isnan(b)
+        ), f"{path}: {a} vs {b}"
     else:
         assert a == b or (a != a and b != b), f"{path}: {a!r} vs {b!r}"
 
@@ -112,13 +125,16 @@ def test_foreach_matches_single_tensor_reference(case: OptimizerCase) -> None:
         optimizer = case.make(param_groups(case, params), foreach=foreach)
         losses = train(case, optimizer, params, steps=12)
         runs[foreach] = (params, optimizer, losses)
-    (ref_params, ref_opt, ref_losses), (fast_params, fast_opt, fast_losses) = runs[False], runs[True]
-    for ref, fast in zip(ref_params, fast_params):
+    (ref_params, ref_opt, ref_losses), (fast_params, fast_opt, _fast_losses) = (
+        runs[False],
+        runs[True],
+    )
+    for ref, fast in zip(ref_params, fast_params, strict=False):
         torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
     assert_same_structure(snapshot(ref_opt), snapshot(fast_opt), close=True, path="state")
     # the parameters really moved, and the one without a gradient did not move while it had none
     initial = make_params(torch.float64)
-    assert any(not torch.equal(p, q) for p, q in zip(ref_params, initial))
+    assert any(not torch.equal(p, q) for p, q in zip(ref_params, initial, strict=False))
     assert all(math.isfinite(x) for x in ref_losses)
 
 
@@ -129,12 +145,16 @@ def test_parameter_without_gradient_is_left_alone(case: OptimizerCase) -> None:
     train(case, optimizer, params, steps=2)
     sometimes = params[4]
     before = sometimes.detach().clone()
-    state_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[sometimes].items()}
+    state_before = {
+        k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[sometimes].items()
+    }
     train(case, optimizer, params, steps=3, start=2)  # steps 3, 4, 5: no gradient for `sometimes`
     assert sometimes.grad is None
     # parameters without gradients are skipped: value and state untouched
     assert torch.equal(sometimes.detach(), before)
-    assert_same_structure(state_before, dict(optimizer.state[sometimes]), close=False, path="skipped")
+    assert_same_structure(
+        state_before, dict(optimizer.state[sometimes]), close=False, path="skipped"
+    )
 
 
 # -- state_dict hygiene and resume ----------------------------------------------------------
@@ -152,7 +172,9 @@ def assert_weights_only_types(value, path="state_dict") -> None:
         for index, item in enumerate(value):
             assert_weights_only_types(item, f"{path}[{index}]")
     else:
-        assert type(value) in ALLOWED_SCALARS, f"{path}: {type(value)} is not a tensor or Python scalar"
+        assert type(value) in ALLOWED_SCALARS, (
+            f"{path}: {type(value)} is not a tensor or Python scalar"
+        )
 
 
 def roundtrip(state_dict: dict) -> dict:
@@ -169,7 +191,9 @@ def test_state_dict_is_weights_only_safe(case: OptimizerCase) -> None:
     train(case, optimizer, params, steps=6)
     state_dict = optimizer.state_dict()
     assert set(state_dict) == {"state", "param_groups"}, "no extra top-level keys"
-    assert all(isinstance(key, int) for key in state_dict["state"]), "state is keyed by parameters only"
+    assert all(isinstance(key, int) for key in state_dict["state"]), (
+        "state is keyed by parameters only"
+    )
     assert_weights_only_types(state_dict)
     loaded = roundtrip(state_dict)
     assert_same_structure(state_dict, loaded, close=False)
@@ -191,10 +215,12 @@ def test_resume_is_bitwise(case: OptimizerCase) -> None:
     resumed_params = [p.detach().clone().requires_grad_() for p in first_params]
     resumed = case.make(param_groups(case, resumed_params))
     resumed.load_state_dict(saved)
-    assert_same_structure(saved, saved_copy, close=False, path="load_state_dict must not mutate its argument")
+    assert_same_structure(
+        saved, saved_copy, close=False, path="load_state_dict must not mutate its argument"
+    )
     train(case, resumed, resumed_params, steps=total - split, start=split)
 
-    for p, q in zip(params, resumed_params):
+    for p, q in zip(params, resumed_params, strict=False):
         assert torch.equal(p, q), "resumed run differs from the uninterrupted one"
     assert_same_structure(snapshot(optimizer), snapshot(resumed), close=False)
 
@@ -211,7 +237,7 @@ def test_fresh_optimizer_differs_from_resumed(case: OptimizerCase) -> None:
     train(case, first, restarted_params, steps=split)
     fresh = case.make(param_groups(case, restarted_params))
     train(case, fresh, restarted_params, steps=total - split, start=split)
-    assert any(not torch.equal(p, q) for p, q in zip(params, restarted_params))
+    assert any(not torch.equal(p, q) for p, q in zip(params, restarted_params, strict=False))
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -229,7 +255,9 @@ def test_unknown_keyword_raises_type_error(case: OptimizerCase) -> None:
         case.make(make_params(), no_such_argument=1)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.needs_loss], ids=[c.id for c in CASES if c.needs_loss])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.needs_loss], ids=[c.id for c in CASES if c.needs_loss]
+)
 def test_missing_loss_explains_the_three_ways(case: OptimizerCase) -> None:
     params = make_params()
     optimizer = case.make(param_groups(case, params))
@@ -250,7 +278,7 @@ def test_loss_by_keyword_closure_and_set_loss_agree(case: OptimizerCase) -> None
             optimizer.zero_grad(set_to_none=True)
             if way == "closure":
 
-                def closure(step=step):
+                def closure(step=step, params=params):
                     loss = compute_loss(params, step)
                     loss.backward()
                     return loss
@@ -267,7 +295,7 @@ def test_loss_by_keyword_closure_and_set_loss_agree(case: OptimizerCase) -> None
                 optimizer.step()
         results.append(params)
     for other in results[1:]:
-        for p, q in zip(results[0], other):
+        for p, q in zip(results[0], other, strict=False):
             assert torch.equal(p, q)
 
 
@@ -293,7 +321,9 @@ def classification_problem():
     return model, lambda: F.cross_entropy(model(x), labels)
 
 
-@pytest.mark.parametrize("problem", [regression_problem, classification_problem], ids=["regression", "classification"])
+@pytest.mark.parametrize(
+    "problem", [regression_problem, classification_problem], ids=["regression", "classification"]
+)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_loss_decreases(case: OptimizerCase, problem) -> None:
     model, loss_fn = problem()
@@ -322,7 +352,10 @@ def test_dtypes_and_finite_statistics(case: OptimizerCase, dtype: torch.dtype) -
     statistics = optimizer.statistics()
     assert isinstance(statistics, dict) and statistics, "every optimizer reports live statistics"
     for name, value in statistics.items():
-        assert isinstance(name, str) and isinstance(value, float) and math.isfinite(value), (name, value)
+        assert isinstance(name, str) and isinstance(value, float) and math.isfinite(value), (
+            name,
+            value,
+        )
 
 
 # -- host synchronisation and graph breaks -------------------------------------------------
@@ -333,7 +366,16 @@ class HostSyncError(AssertionError):
 @contextlib.contextmanager
 def forbid_host_sync():
     """Make every Python-level device-to-host read of a tensor raise."""
-    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__"]
+    names = [
+        "item",
+        "tolist",
+        "numpy",
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "__complex__",
+    ]
     saved = {name: getattr(torch.Tensor, name) for name in names}
 
     def forbidden(name):
