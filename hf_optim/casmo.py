@@ -115,7 +115,7 @@ C_MIN_FOR_HIGH_CV, C_MIN_FOR_MEDIUM_CV, C_MIN_FOR_LOW_CV = 0.1, 0.3, 0.5
 # On CPU the fast path works through each tensor in blocks that stay in cache, with two
 # reused scratch blocks: the AGAR terms and the update then cost about one read of m and v
 # each instead of many passes over freshly allocated (page-faulting) temporaries.
-CPU_BLOCK_NUMEL = 1 << 16
+CPU_BLOCK_NUMEL = 1 << 17
 # Elsewhere blocks only bound the scratch memory.
 DEVICE_BLOCK_NUMEL = 1 << 24
 
@@ -307,35 +307,58 @@ def _new_calibration_state(
     }
 
 
-def _percentile(sorted_samples: Tensor, q: float) -> Tensor:
-    """NumPy's default ('linear') percentile of an already sorted 1-D tensor."""
-    position = q * (sorted_samples.numel() - 1)
+def _percentile(ordered: Tensor, q: float) -> Tensor:
+    """NumPy's default ('linear') percentile of each row of row-sorted samples."""
+    last = ordered.shape[-1] - 1
+    position = q * last
     low = int(position)
-    high = min(low + 1, sorted_samples.numel() - 1)
-    fraction = position - low
-    return sorted_samples[low] + (sorted_samples[high] - sorted_samples[low]) * fraction
+    high = min(low + 1, last)
+    return torch.lerp(ordered[:, low], ordered[:, high], position - low)
 
 
-def _update_confidence(holder: dict[str, Tensor], agar: Tensor, group: dict[str, Any]) -> Tensor:
-    """Record one AGAR sample in ``holder`` (calibration window, DDEA, statistics) and return
-    the confidence. Branch-free on tensor values: every phase is computed and selected."""
-    window = group["tau_init_steps"]
+def _update_confidences(
+    holders: list[dict[str, Tensor]], agars: Tensor, group: dict[str, Any]
+) -> Tensor:
+    """Record one AGAR sample per holder and return their confidences (1-D, one per holder).
+
+    A holder is the group dict ('group' mode) or a tensor's ``state[p]`` ('parameter' mode).
+    The holders' entries are stacked so the math runs once for all of them, then written
+    back: a handful of small ops per step instead of dozens per tensor."""
+    if len(holders) == 1:  # views: in-place writes go straight to the holder
+        rows = {key: holders[0][key].unsqueeze(0) for key in CALIBRATION_KEYS}
+    else:
+        rows = {
+            key: torch.stack([h[key].to(agars.dtype) for h in holders]) for key in CALIBRATION_KEYS
+        }
+    _confidence_math(rows, agars, group)
+    if len(holders) > 1:
+        for key in CALIBRATION_KEYS:
+            torch._foreach_copy_([h[key] for h in holders], list(rows[key].unbind()))
+    return rows["confidence"]
+
+
+def _confidence_math(rows: dict[str, Tensor], agar: Tensor, group: dict[str, Any]) -> None:
+    """Calibration window, DDEA and confidence for a batch of holders, updated in place.
+
+    Branch-free on tensor values: every phase is computed and ``torch.where`` keeps the one
+    that applies, so ``step()`` never waits for the device."""
+    samples, count = rows["agar_samples"], rows["agar_sample_count"]
+    window = samples.shape[-1]
     tau_low, tau_high = group["tau_clip_range"]
-    samples, count = holder["agar_samples"], holder["agar_sample_count"]
-    was_calibrated = holder["calibrated"] > 0
+    was_calibrated = rows["calibrated"] > 0
     collecting = ~was_calibrated
 
     # the calibration window: write the sample at the fill position while collecting
-    position = count.clamp(max=window - 1).to(torch.long).reshape(1)
-    kept = samples.index_select(0, position)
-    samples.index_copy_(0, position, torch.where(collecting, agar.reshape(1), kept))
+    position = count.clamp(max=window - 1).to(torch.long).unsqueeze(1)
+    kept = samples.gather(1, position).squeeze(1)
+    samples.scatter_(1, position, torch.where(collecting, agar, kept).unsqueeze(1))
     count.add_(collecting.to(count.dtype))
     calibrating = collecting & (count >= window)
 
-    ordered = samples.sort().values
-    mean = samples.mean()
-    std = (samples - mean).square().mean().sqrt()  # population std, as NumPy's default
-    median = (ordered[(window - 1) // 2] + ordered[window // 2]) * 0.5
+    ordered = samples.sort(dim=1).values
+    mean = samples.mean(dim=1)
+    std = (samples - mean.unsqueeze(1)).square().mean(dim=1).sqrt()  # population std
+    median = (ordered[:, (window - 1) // 2] + ordered[:, window // 2]) * 0.5
     coefficient_of_variation = std / (mean + 1e-8)
     adaptive_floor = torch.full_like(agar, C_MIN_FOR_LOW_CV)
     adaptive_floor = torch.where(
@@ -344,21 +367,20 @@ def _update_confidence(holder: dict[str, Tensor], agar: Tensor, group: dict[str,
     adaptive_floor = torch.where(
         coefficient_of_variation > CV_HIGH, C_MIN_FOR_HIGH_CV, adaptive_floor
     )
-    calibrated_tau = median.clamp(tau_low, tau_high)
     for key, value in (
         ("agar_mean", mean),
         ("agar_std", std.clamp(min=MIN_AGAR_STD)),
         ("agar_median", median),
         ("agar_p10", _percentile(ordered, 0.1)),
         ("agar_p90", _percentile(ordered, 0.9)),
-        ("tau_calibrated", calibrated_tau),
+        ("tau_calibrated", median.clamp(tau_low, tau_high)),
         ("c_min_calibrated", adaptive_floor),
     ):
-        holder[key].copy_(torch.where(calibrating, value, holder[key]))
+        rows[key].copy_(torch.where(calibrating, value, rows[key]))
 
-    # DDEA, for samples after the calibration step
-    tau, tau_cal = holder["tau"], holder["tau_calibrated"]
-    ddea_mean, ddea_var = holder["ddea_mean"], holder["ddea_var"]
+    # DDEA, for the samples after the calibration step
+    tau, tau_cal = rows["tau"], rows["tau_calibrated"]
+    ddea_mean, ddea_var = rows["ddea_mean"], rows["ddea_var"]
     difference = agar - ddea_mean
     new_mean = ddea_mean + DDEA_MEAN_RATE * difference
     new_var = DDEA_VAR_DECAY * ddea_var + (1 - DDEA_VAR_DECAY) * difference.square()
@@ -375,15 +397,13 @@ def _update_confidence(holder: dict[str, Tensor], agar: Tensor, group: dict[str,
 
     # the confidence
     calibrated = was_calibrated | calibrating
-    centre = tau if group["center"] == "tau" else holder["agar_mean"]
-    floor = holder["c_min_calibrated"] if group["adaptive_c_min"] else group["c_min"]
-    sigmoid = torch.sigmoid((agar - centre) / holder["agar_std"])
+    centre = tau if group["center"] == "tau" else rows["agar_mean"]
+    floor = rows["c_min_calibrated"] if group["adaptive_c_min"] else group["c_min"]
+    sigmoid = torch.sigmoid((agar - centre) / rows["agar_std"])
     mapped = (floor + (1 - floor) * sigmoid).clamp(min=floor).clamp(max=1.0)
-    confidence = torch.where(calibrated, mapped, agar.clamp(group["c_min"], 1.0))
-    holder["calibrated"].copy_(calibrated.to(agar.dtype))
-    holder["agar"].copy_(agar)
-    holder["confidence"].copy_(confidence)
-    return holder["confidence"]
+    rows["confidence"].copy_(torch.where(calibrated, mapped, agar.clamp(group["c_min"], 1.0)))
+    rows["calibrated"].copy_(calibrated.to(agar.dtype))
+    rows["agar"].copy_(agar)
 
 
 def _summarise_parameters(
@@ -460,11 +480,13 @@ def _single_tensor_casmo(
         return (total[0] / total[1].clamp(min=1)).clamp(0, 1)
 
     if per_group:
-        confidences = [_update_confidence(group, agar_of(list(range(len(params)))), group)] * len(
-            params
-        )
+        agar = agar_of(list(range(len(params))))
+        confidences = [_update_confidences([group], agar.reshape(1), group)[0]] * len(params)
     else:
-        confidences = [_update_confidence(h, agar_of([i]), group) for i, h in enumerate(holders)]
+        confidences = [
+            _update_confidences([holder], agar_of([i]).reshape(1), group)[0]
+            for i, holder in enumerate(holders)
+        ]
 
     for param, exp_avg, exp_avg_sq, step, confidence in zip(
         params, exp_avgs, exp_avg_sqs, steps, confidences, strict=True
@@ -540,7 +562,11 @@ def _multi_tensor_casmo(
         for index, tensor_blocks in enumerate(blocks):
             abs_m, v_sum = [], []
             for m, v in tensor_blocks:
-                s = scratch_like(scratch, m).copy_(m).abs_()
+                s = scratch_like(scratch, m)
+                if m.dtype == stat_dtype:
+                    torch.abs(m, out=s)
+                else:
+                    s.copy_(m).abs_()
                 if group["agar_bias_correction"]:
                     s.mul_(m_scales[index])
                 abs_m.append(s.sum())
@@ -566,15 +592,23 @@ def _multi_tensor_casmo(
         parts = []
         for m, v in tensor_blocks:
             signal, total_power = scratch_like(scratch, m), scratch_like(scratch2, m)
-            signal.copy_(m)
-            total_power.copy_(v)
-            if group["agar_bias_correction"]:
-                signal.mul_(m_scales[index])
-                total_power.mul_(v_scales[index])
-            signal.square_()
+            if group["agar_bias_correction"] or m.dtype != stat_dtype:
+                signal.copy_(m)
+                total_power.copy_(v)
+                if group["agar_bias_correction"]:
+                    signal.mul_(m_scales[index])
+                    total_power.mul_(v_scales[index])
+                signal.square_()
+                if clamps:
+                    total_power.clamp_(max=v_bounds[index])
+            else:  # the same with fewer passes
+                torch.mul(m, m, out=signal)
+                if clamps:
+                    torch.clamp(v, max=v_bounds[index], out=total_power)
+                else:
+                    total_power.copy_(v)
             if clamps:
                 signal.clamp_(max=m_bounds_squared[index])
-                total_power.clamp_(max=v_bounds[index])
             total_power.sub_(eps)
             torch.maximum(total_power, signal, out=total_power)
             total_power.add_(2 * eps)
@@ -584,24 +618,27 @@ def _multi_tensor_casmo(
     if per_group:
         total = finish_sums(torch.stack([ratio_sums.sum(), counts.sum()]))
         agar = (total[0] / total[1].clamp(min=1)).clamp(0, 1)
-        confidence = _update_confidence(group, agar, group)
-        confidences = confidence.expand(len(params))
+        confidences = _update_confidences([group], agar.reshape(1), group).expand(len(params))
     else:
         total = finish_sums(torch.stack([ratio_sums, counts], dim=1))
         agars = (total[:, 0] / total[:, 1].clamp(min=1)).clamp(0, 1)
-        confidences = torch.stack(
-            [_update_confidence(h, a, group) for h, a in zip(holders, agars.unbind(), strict=True)]
-        )
+        confidences = _update_confidences(holders, agars, group)
 
     # sweep 3: the update, p -= lr * C * m_hat / (sqrt(v_hat) + eps)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    # (the decay is applied block by block too, while the block is in cache)
+    decay = 1 - lr * weight_decay
     step_sizes = (-lr * confidences / bias_correction1).unbind()
     inverse_sqrt_bc2 = bias_correction2.rsqrt().unbind()
     for index, param in enumerate(params):
         step_size = step_sizes[index].to(param.device)
         for p_block, m_block, v_block in update_blocks[index]:
             direction = scratch_like(scratch, m_block)
-            direction.copy_(v_block).sqrt_().mul_(inverse_sqrt_bc2[index]).add_(eps)
+            if v_block.dtype == stat_dtype:
+                torch.sqrt(v_block, out=direction)
+            else:
+                direction.copy_(v_block).sqrt_()
+            direction.mul_(inverse_sqrt_bc2[index]).add_(eps)
             torch.div(m_block, direction, out=direction)
+            if weight_decay != 0:
+                p_block.mul_(decay)
             p_block.addcmul_(direction, step_size)
