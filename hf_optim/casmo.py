@@ -266,6 +266,28 @@ class CASMO(HFOptimizer):
             group.update(_new_calibration_state(group, first.device, steps[0].dtype))
         return bool(params)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that per-tensor calibration state ('parameter' mode) keeps its
+        float32-or-wider dtype: torch casts every floating state entry but ``step`` to the
+        parameter's dtype, which would round a bfloat16 model's calibration window."""
+        saved_state = state_dict["state"]
+        calibration = {
+            index: {k: v for k, v in entries.items() if k in CALIBRATION_KEYS}
+            for index, entries in saved_state.items()
+        }
+        moments_only = {
+            index: {k: v for k, v in entries.items() if k not in CALIBRATION_KEYS}
+            for index, entries in saved_state.items()
+        }
+        super().load_state_dict({**state_dict, "state": moments_only})
+        saved_indices = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for index, p in zip(saved_indices, params, strict=False):
+            for key, value in calibration.get(index, {}).items():
+                self.state[p][key] = value.to(
+                    device=p.device, dtype=accumulation_dtype(p.dtype), copy=True
+                )
+
     def _step(self, loss: Any) -> None:
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -414,12 +436,18 @@ def _summarise_parameters(
     device, dtype = group["agar"].device, group["agar"].dtype
     keys = CASMO.statistic_keys
     values = torch.stack([torch.stack([h[k] for k in keys]).to(device, dtype) for h in holders])
-    weights = torch.tensor([float(p.numel()) for p in params], dtype=dtype, device=device)
+    weights = _numels(params, group["agar"])
     partial = torch.cat([weights @ values, weights.sum().reshape(1)])
     totals = finish_sums(partial)
     means = totals[:-1] / totals[-1].clamp(min=1)
     for index, key in enumerate(keys):
         group[key].copy_(means[index])
+
+
+def _numels(tensors: list[Tensor], like: Tensor) -> Tensor:
+    """Element counts as a tensor on ``like``'s device, filled on the device (a tensor built
+    from a Python list would be a blocking host-to-device copy on accelerators)."""
+    return torch.stack([like.new_full((), float(t.numel())) for t in tensors])
 
 
 def _clamp_scales(
@@ -459,9 +487,7 @@ def _single_tensor_casmo(
 
     def agar_of(indices: list[int]) -> Tensor:
         """AGAR over the elements of the tensors ``indices`` (partial sums, finished)."""
-        counts = torch.tensor(
-            [float(moments[i][0].numel()) for i in indices], dtype=stat_dtype, device=device
-        )
+        counts = _numels([moments[i][0] for i in indices], holders[0]["agar"])
         if group["agar_clamp_factor"] is not None:
             sums = [torch.stack([m.abs().sum(), v.sum()]) for m, v in (moments[i] for i in indices)]
             partial = torch.cat([torch.stack(sums).sum(0).to(device), counts.sum().reshape(1)])
@@ -554,7 +580,7 @@ def _multi_tensor_casmo(
     def scratch_like(buffer: Tensor, like: Tensor) -> Tensor:
         return buffer[: like.numel()].view(like.shape)
 
-    counts = torch.tensor([float(p.numel()) for p in params], dtype=stat_dtype, device=device)
+    counts = _numels(params, holders[0]["agar"])
 
     # sweep 1: sums of |m| and v per tensor (the clamp scales)
     if clamps:

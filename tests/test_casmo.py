@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 from pathlib import Path
 
@@ -434,3 +435,31 @@ def test_weight_decay_is_decoupled_and_not_scaled_by_confidence() -> None:
     optimizer.step()
     assert optimizer.param_groups[0]["confidence"].item() == 0.0
     torch.testing.assert_close(param.detach(), torch.full((4,), 1 - 0.1 * 0.5))
+
+
+def test_bfloat16_parameter_mode_resume_keeps_float32_calibration() -> None:
+    def make():
+        param = torch.nn.Parameter(torch.ones(8, 8, dtype=torch.bfloat16))
+        return param, CASMO([param], granularity="parameter", tau_init_steps=3)
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(8, 8, generator=gen).to(torch.bfloat16) for _ in range(6)]
+    param, optimizer = make()
+    for grad in grads[:2]:
+        param.grad = grad
+        optimizer.step()
+    resumed_param, resumed = make()
+    resumed_param.data.copy_(param.detach())
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.state[resumed_param]["agar_samples"].dtype == torch.float32
+    for grad in grads[2:]:
+        param.grad, resumed_param.grad = grad, grad.clone()
+        optimizer.step()
+        resumed.step()
+    assert torch.equal(param, resumed_param)
+    state, resumed_state = optimizer.state[param], resumed.state[resumed_param]
+    for key, value in state.items():
+        assert value.dtype == resumed_state[key].dtype and torch.equal(value, resumed_state[key])
