@@ -539,6 +539,27 @@ def _blocks(tensors: list[Tensor], block_numel: int) -> list[tuple[Tensor, ...]]
     ]
 
 
+def _partition(
+    tensors: list[Tensor], dtype: torch.dtype, block_numel: int
+) -> tuple[list[list[int]], list[int]]:
+    """Split tensor indices into batches for the foreach ops (tensors of the statistics dtype
+    that fit in a block, packed up to about a block per batch so that a batch stays in cache
+    on CPU) and the rest, which go block by block through scratch buffers."""
+    batches: list[list[int]] = []
+    large: list[int] = []
+    batch_numel = 0
+    for index, tensor in enumerate(tensors):
+        if tensor.numel() > block_numel or tensor.dtype != dtype:
+            large.append(index)
+            continue
+        if not batches or batch_numel + tensor.numel() > block_numel:
+            batches.append([])
+            batch_numel = 0
+        batches[-1].append(index)
+        batch_numel += tensor.numel()
+    return batches, large
+
+
 def _multi_tensor_casmo(
     params: list[Tensor],
     grads: list[Tensor],
@@ -563,45 +584,53 @@ def _multi_tensor_casmo(
     step_vector = torch.stack(steps).to(device, stat_dtype)
     bias_correction1 = 1 - torch.pow(beta1, step_vector)
     bias_correction2 = 1 - torch.pow(beta2, step_vector)
-    if group["agar_bias_correction"]:
-        m_scales = (1 / bias_correction1).unbind()
-        v_scales = (1 / bias_correction2).unbind()
 
     block_numel = CPU_BLOCK_NUMEL if device.type == "cpu" else DEVICE_BLOCK_NUMEL
-    blocks = [_blocks([m, v], block_numel) for m, v in zip(exp_avgs, exp_avg_sqs, strict=True)]
-    update_blocks = [
-        _blocks([p, m, v], block_numel)
-        for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)
-    ]
-    largest = max(b[0].numel() for tensor_blocks in blocks + update_blocks for b in tensor_blocks)
+    batches, large = _partition(exp_avgs, stat_dtype, block_numel)
+    blocks = {i: _blocks([exp_avgs[i], exp_avg_sqs[i]], block_numel) for i in large}
+    update_blocks = {
+        i: _blocks([params[i], exp_avgs[i], exp_avg_sqs[i]], block_numel) for i in large
+    }
+    largest = max([b[0].numel() for i in large for b in blocks[i] + update_blocks[i]], default=0)
     scratch = torch.empty(largest, dtype=stat_dtype, device=device)
     scratch2 = torch.empty(largest, dtype=stat_dtype, device=device)
 
     def scratch_like(buffer: Tensor, like: Tensor) -> Tensor:
         return buffer[: like.numel()].view(like.shape)
 
+    def pick(values: Any, batch: list[int]) -> list[Any]:
+        return [values[i] for i in batch]
+
     counts = _numels(params, holders[0]["agar"])
+    if group["agar_bias_correction"]:
+        m_scales = 1 / bias_correction1
+        v_scales_list = (1 / bias_correction2).unbind()
+        m_scales_list, m_scales_squared = m_scales.unbind(), m_scales.square().unbind()
 
     # sweep 1: sums of |m| and v per tensor (the clamp scales)
     if clamps:
-        sums = []
-        for index, tensor_blocks in enumerate(blocks):
+        abs_m_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+        v_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+        for batch in batches:
+            abs_m = torch._foreach_norm(pick(exp_avgs, batch), 1)
+            v_sum = torch._foreach_norm(pick(exp_avg_sqs, batch), 1)  # v >= 0: 1-norm == sum
+            for index, a, b in zip(batch, abs_m, v_sum, strict=True):
+                abs_m_sums[index], v_sums[index] = a, b
+        for index in large:
             abs_m, v_sum = [], []
-            for m, v in tensor_blocks:
+            for m, v in blocks[index]:
                 s = scratch_like(scratch, m)
                 if m.dtype == stat_dtype:
                     torch.abs(m, out=s)
                 else:
                     s.copy_(m).abs_()
-                if group["agar_bias_correction"]:
-                    s.mul_(m_scales[index])
                 abs_m.append(s.sum())
                 v_sum.append(v.sum(dtype=stat_dtype))
-            tensor_sum = torch.stack([torch.stack(abs_m).sum(), torch.stack(v_sum).sum()])
-            if group["agar_bias_correction"]:
-                tensor_sum[1] *= v_scales[index]
-            sums.append(tensor_sum)
-        sums = torch.stack(sums).to(device)
+            abs_m_sums[index] = torch.stack(abs_m).sum()
+            v_sums[index] = torch.stack(v_sum).sum()
+        sums = torch.stack([torch.stack(abs_m_sums), torch.stack(v_sums)], dim=1).to(device)
+        if group["agar_bias_correction"]:
+            sums = sums * torch.stack([m_scales, 1 / bias_correction2], dim=1)
         if per_group:
             total = finish_sums(torch.cat([sums.sum(0), counts.sum().reshape(1)]))
             m_bounds, v_bounds = _clamp_scales(total[0], total[1], total[2], group)
@@ -613,17 +642,37 @@ def _multi_tensor_casmo(
         m_bounds_squared = [b.square() for b in m_bounds]
 
     # sweep 2: sum over elements of S / (max(v, S + eps) + eps) == S / (S + max(v - S, eps) + eps)
-    ratio_sums = []
-    for index, tensor_blocks in enumerate(blocks):
+    ratio_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for batch in batches:
+        ms, vs = pick(exp_avgs, batch), pick(exp_avg_sqs, batch)
+        signal = torch._foreach_mul(ms, ms)
+        if group["agar_bias_correction"]:
+            torch._foreach_mul_(signal, pick(m_scales_squared, batch))
+            total_power = torch._foreach_mul(vs, pick(v_scales_list, batch))
+            if clamps:
+                torch._foreach_clamp_max_(total_power, pick(v_bounds, batch))
+        elif clamps:
+            total_power = torch._foreach_minimum(vs, pick(v_bounds, batch))
+        else:
+            total_power = torch._foreach_mul(vs, 1.0)
+        if clamps:
+            torch._foreach_clamp_max_(signal, pick(m_bounds_squared, batch))
+        torch._foreach_sub_(total_power, eps)
+        torch._foreach_maximum_(total_power, signal)
+        torch._foreach_add_(total_power, 2 * eps)
+        torch._foreach_div_(signal, total_power)
+        for index, ratio_sum in zip(batch, torch._foreach_norm(signal, 1), strict=True):
+            ratio_sums[index] = ratio_sum  # the ratios are >= 0: 1-norm == sum
+    for index in large:
         parts = []
-        for m, v in tensor_blocks:
+        for m, v in blocks[index]:
             signal, total_power = scratch_like(scratch, m), scratch_like(scratch2, m)
             if group["agar_bias_correction"] or m.dtype != stat_dtype:
                 signal.copy_(m)
                 total_power.copy_(v)
                 if group["agar_bias_correction"]:
-                    signal.mul_(m_scales[index])
-                    total_power.mul_(v_scales[index])
+                    signal.mul_(m_scales_list[index])
+                    total_power.mul_(v_scales_list[index])
                 signal.square_()
                 if clamps:
                     total_power.clamp_(max=v_bounds[index])
@@ -639,7 +688,7 @@ def _multi_tensor_casmo(
             torch.maximum(total_power, signal, out=total_power)
             total_power.add_(2 * eps)
             parts.append(signal.div_(total_power).sum())
-        ratio_sums.append(torch.stack(parts).sum())
+        ratio_sums[index] = torch.stack(parts).sum()
     ratio_sums = torch.stack(ratio_sums).to(device)
     if per_group:
         total = finish_sums(torch.stack([ratio_sums.sum(), counts.sum()]))
@@ -650,13 +699,20 @@ def _multi_tensor_casmo(
         agars = (total[:, 0] / total[:, 1].clamp(min=1)).clamp(0, 1)
         confidences = _update_confidences(holders, agars, group)
 
-    # sweep 3: the update, p -= lr * C * m_hat / (sqrt(v_hat) + eps)
-    # (the decay is applied block by block too, while the block is in cache)
+    # sweep 3: the update, p <- p * (1 - lr * wd) - lr * C * m_hat / (sqrt(v_hat) + eps)
     decay = 1 - lr * weight_decay
-    step_sizes = (-lr * confidences / bias_correction1).unbind()
-    inverse_sqrt_bc2 = bias_correction2.rsqrt().unbind()
-    for index, param in enumerate(params):
-        step_size = step_sizes[index].to(param.device)
+    step_sizes = (-lr * confidences / bias_correction1).to(params[0].device).unbind()
+    inverse_sqrt_bc2 = bias_correction2.rsqrt().to(params[0].device).unbind()
+    for batch in batches:
+        ps, ms = pick(params, batch), pick(exp_avgs, batch)
+        direction = torch._foreach_sqrt(pick(exp_avg_sqs, batch))
+        torch._foreach_mul_(direction, pick(inverse_sqrt_bc2, batch))
+        torch._foreach_add_(direction, eps)
+        direction = torch._foreach_div(ms, direction)
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, decay)
+        torch._foreach_addcmul_(ps, direction, pick(step_sizes, batch))
+    for index in large:
         for p_block, m_block, v_block in update_blocks[index]:
             direction = scratch_like(scratch, m_block)
             if v_block.dtype == stat_dtype:
@@ -665,6 +721,6 @@ def _multi_tensor_casmo(
                 direction.copy_(v_block).sqrt_()
             direction.mul_(inverse_sqrt_bc2[index]).add_(eps)
             torch.div(m_block, direction, out=direction)
-            if weight_decay != 0:
+            if weight_decay != 0:  # here, while the block is in cache
                 p_block.mul_(decay)
-            p_block.addcmul_(direction, step_size)
+            p_block.addcmul_(direction, step_sizes[index])

@@ -463,3 +463,28 @@ def test_bfloat16_parameter_mode_resume_keeps_float32_calibration() -> None:
     state, resumed_state = optimizer.state[param], resumed.state[resumed_param]
     for key, value in state.items():
         assert value.dtype == resumed_state[key].dtype and torch.equal(value, resumed_state[key])
+
+
+@pytest.mark.parametrize("granularity", ["group", "parameter"])
+def test_fast_path_matches_reference_on_non_contiguous_and_blocked_tensors(
+    monkeypatch, granularity
+) -> None:
+    monkeypatch.setattr(casmo_module, "CPU_BLOCK_NUMEL", 16)
+    runs = []
+    for foreach in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        transposed = torch.nn.Parameter(torch.randn(7, 5, generator=gen, dtype=torch.float64).t())
+        assert not transposed.is_contiguous()
+        params = [transposed, torch.nn.Parameter(torch.randn(9, 4, generator=gen).double())]
+        optimizer = CASMO(
+            params, granularity=granularity, tau_init_steps=3, weight_decay=0.1, foreach=foreach
+        )
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) + 0.2
+            optimizer.step()
+        runs.append((params, optimizer.param_groups[0]["confidence"]))
+    (ref, ref_confidence), (fast, fast_confidence) = runs
+    torch.testing.assert_close(fast_confidence, ref_confidence, rtol=1e-12, atol=1e-14)
+    for p, q in zip(fast, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
