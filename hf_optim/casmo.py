@@ -349,9 +349,7 @@ def _update_confidences(
     if len(holders) == 1:  # views: in-place writes go straight to the holder
         rows = {key: holders[0][key].unsqueeze(0) for key in CALIBRATION_KEYS}
     else:
-        rows = {
-            key: torch.stack([h[key].to(agars.dtype) for h in holders]) for key in CALIBRATION_KEYS
-        }
+        rows = {key: _stack([h[key] for h in holders], agars.dtype) for key in CALIBRATION_KEYS}
     _confidence_math(rows, agars, group)
     if len(holders) > 1:
         for key in CALIBRATION_KEYS:
@@ -435,13 +433,21 @@ def _summarise_parameters(
     stepped this step (so ``confidence`` is the mean learning-rate scale per element)."""
     device, dtype = group["agar"].device, group["agar"].dtype
     keys = CASMO.statistic_keys
-    values = torch.stack([torch.stack([h[k] for k in keys]).to(device, dtype) for h in holders])
+    values = torch.stack([_stack([h[k] for h in holders], dtype) for k in keys], dim=1)
+    values = values.to(device)
     weights = _numels(params, group["agar"])
     partial = torch.cat([weights @ values, weights.sum().reshape(1)])
     totals = finish_sums(partial)
     means = totals[:-1] / totals[-1].clamp(min=1)
     for index, key in enumerate(keys):
         group[key].copy_(means[index])
+
+
+def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``torch.stack`` in ``dtype`` (tensors of a mixed-dtype group are converted first)."""
+    if all(t.dtype == dtype for t in tensors):
+        return torch.stack(tensors)
+    return torch.stack([t.to(dtype) for t in tensors])
 
 
 def _numels(tensors: list[Tensor], like: Tensor) -> Tensor:
@@ -601,7 +607,10 @@ def _multi_tensor_casmo(
     def pick(values: Any, batch: list[int]) -> list[Any]:
         return [values[i] for i in batch]
 
-    counts = _numels(params, holders[0]["agar"])
+    if per_group:  # only the total element count is needed
+        count = holders[0]["agar"].new_full((), float(sum(p.numel() for p in params)))
+    else:
+        counts = _numels(params, holders[0]["agar"])
     if group["agar_bias_correction"]:
         m_scales = 1 / bias_correction1
         v_scales_list = (1 / bias_correction2).unbind()
@@ -632,7 +641,7 @@ def _multi_tensor_casmo(
         if group["agar_bias_correction"]:
             sums = sums * torch.stack([m_scales, 1 / bias_correction2], dim=1)
         if per_group:
-            total = finish_sums(torch.cat([sums.sum(0), counts.sum().reshape(1)]))
+            total = finish_sums(torch.cat([sums.sum(0), count.reshape(1)]))
             m_bounds, v_bounds = _clamp_scales(total[0], total[1], total[2], group)
             m_bounds, v_bounds = [m_bounds] * len(params), [v_bounds] * len(params)
         else:
@@ -691,7 +700,7 @@ def _multi_tensor_casmo(
         ratio_sums[index] = torch.stack(parts).sum()
     ratio_sums = torch.stack(ratio_sums).to(device)
     if per_group:
-        total = finish_sums(torch.stack([ratio_sums.sum(), counts.sum()]))
+        total = finish_sums(torch.stack([ratio_sums.sum(), count]))
         agar = (total[0] / total[1].clamp(min=1)).clamp(0, 1)
         confidences = _update_confidences([group], agar.reshape(1), group).expand(len(params))
     else:
