@@ -74,14 +74,21 @@ Deviations from upstream 0.1.0/0.2.0, and why:
   construction works (upstream: KeyError) and ``state_dict()`` holds only tensors and Python
   scalars; ``load_state_dict`` does not mutate its argument.
 * NaN/Inf gradients are not checked (upstream raises, at two host syncs per tensor). Use
-  ``torch.amp.GradScaler`` (which skips such steps before the optimizer runs) or clip/skip in the
-  loop; a NaN gradient makes that step's AGAR and confidence NaN, as it makes Adam's update NaN.
+  ``torch.amp.GradScaler`` (which skips such steps before the optimizer runs) or skip such
+  steps in the loop: as in Adam, a NaN gradient poisons the moments, and here also the AGAR
+  statistics of its group (or tensor).
 * ``tau_init_steps`` may be any positive integer (upstream demands at least 50).
 * No logging and no global ``'CASMO'`` logger handler; read ``statistics()`` (AGAR, confidence,
   tau, calibrated flag per group) when logging instead.
 * Sparse gradients raise ``RuntimeError`` as in upstream (there NotImplementedError).
 * Kept as upstream: weight decay is decoupled and *not* scaled by the confidence (THEORY 2.6);
-  the per-tensor bias correction uses each tensor's own step count.
+  the per-tensor bias correction uses each tensor's own step count; the DDEA's EMA starts at
+  (1, 0.01) and is not reset at calibration. Note that :math:`\tau` can only rise when
+  :math:`\mathrm{AGAR} > \tau + \text{dead\_zone}\cdot\tau_{cal}` and
+  :math:`\mathrm{AGAR} \le 1.2\tau_{cal}`, and never falls below :math:`\tau_{cal}`: with the
+  default ``tau_dead_zone=0.2`` the DDEA leaves :math:`\tau = \tau_{cal}` (up to rounding), in
+  upstream 0.2.0 as here. A smaller dead zone lets it move within
+  :math:`[\tau_{cal}, 1.2\tau_{cal}]`.
 """
 
 from __future__ import annotations
@@ -112,11 +119,13 @@ MEMORIZATION_FACTOR = 1.2
 CV_HIGH, CV_MEDIUM = 0.5, 0.3
 C_MIN_FOR_HIGH_CV, C_MIN_FOR_MEDIUM_CV, C_MIN_FOR_LOW_CV = 0.1, 0.3, 0.5
 
-# On CPU the fast path works through each tensor in blocks that stay in cache, with two
-# reused scratch blocks: the AGAR terms and the update then cost about one read of m and v
-# each instead of many passes over freshly allocated (page-faulting) temporaries.
+# The fast path handles tensors that fit in a block with foreach ops, in batches of about a
+# block; larger tensors (and tensors whose dtype is not the statistics' dtype) go block by
+# block through two reused scratch blocks. On CPU a block stays in cache, so the AGAR terms and
+# the update cost about one read of m and v each instead of several passes over freshly
+# allocated (page-faulting) full-size temporaries.
 CPU_BLOCK_NUMEL = 1 << 17
-# Elsewhere blocks only bound the scratch memory.
+# Elsewhere blocks bound the scratch memory and the foreach batch size.
 DEVICE_BLOCK_NUMEL = 1 << 24
 
 #: Keys of the calibration/confidence state (group dict in 'group' mode, state[p] otherwise).
@@ -307,8 +316,8 @@ class CASMO(HFOptimizer):
 def _new_calibration_state(
     group: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> dict[str, Tensor]:
-    def scalar(value: float) -> Tensor:
-        return torch.tensor(value, dtype=dtype, device=device)
+    def scalar(value: float) -> Tensor:  # a fill, not a host-to-device copy
+        return torch.full((), value, dtype=dtype, device=device)
 
     return {
         "agar": scalar(0.0),
