@@ -75,11 +75,6 @@ from ._reduce import accumulation_dtype, finish_sums
 
 __all__ = ["Momo"]
 
-# BLAS dot products accumulate long vectors in a few float32 lanes (relative error ~1e-5 at
-# 10M elements on CPU); chunks of this size, added in the accumulation dtype, stay near the
-# accuracy of a pairwise sum at the speed of a dot product.
-_DOT_CHUNK = 1 << 16
-
 
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
@@ -87,18 +82,15 @@ def _check_flag(name: str, value: Any) -> None:
 
 
 def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """:math:`\\langle x, y\\rangle` as a 0-d tensor of ``dtype``, accumulated in ``dtype``."""
-    x = x.reshape(-1)
-    y = y.reshape(-1)
-    if x.numel() <= _DOT_CHUNK or x.device.type != "cpu":
-        if x.dtype != dtype:  # bfloat16/float16 products are exact in float32
-            return torch.dot(x.to(dtype), y.to(dtype))
-        return torch.dot(x, y)
-    pieces = [
-        torch.dot(a.to(dtype), b.to(dtype))
-        for a, b in zip(x.split(_DOT_CHUNK), y.split(_DOT_CHUNK), strict=True)
-    ]
-    return torch.stack(pieces).sum()
+    """:math:`\\langle x, y\\rangle` as a 0-d tensor accumulated in ``dtype`` (float32 or wider).
+
+    One pass, no temporary for float32/float64. bfloat16/float16 inputs are widened first
+    (their products are exact in float32); summing them in their own dtype would make the
+    Polyak numerator meaningless.
+    """
+    if x.dtype != dtype:
+        x, y = x.to(dtype), y.to(dtype)
+    return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
 def _restore_wide_state(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple) -> None:

@@ -294,27 +294,82 @@ def _multi_tensor_momo_adam_sums(
     dtype: torch.dtype,
 ) -> tuple[Tensor, tuple[list[Tensor], list[Tensor]]]:
     wides = [grad_dot_w.dtype for grad_dot_w in grad_dot_ws]
-    torch._foreach_add_(steps, 1)
-    torch._foreach_lerp_(grad_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(grad_avg_sqs, beta2)
-    torch._foreach_addcmul_(grad_avg_sqs, grads, grads, value=1.0 - beta2)
     grad_dots = [_inner(p, g, w) for p, g, w in zip(params, grads, wides, strict=True)]
+    torch._foreach_add_(steps, 1)
+    if _fused_direction_supported(params):
+        directions, scales = _fused_moments_and_direction(
+            grads, grad_avgs, grad_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
+        )
+    else:
+        torch._foreach_lerp_(grad_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(grad_avg_sqs, beta2)
+        torch._foreach_addcmul_(grad_avg_sqs, grads, grads, value=1.0 - beta2)
+        # s = sqrt(1 - beta2^t) per parameter; D = (sqrt(v) + eps * s) / s
+        exponents = [step.to(w) for step, w in zip(steps, wides, strict=True)]
+        scales = torch._foreach_pow(beta2, exponents)
+        torch._foreach_neg_(scales)
+        torch._foreach_add_(scales, 1.0)
+        torch._foreach_sqrt_(scales)
+        directions = torch._foreach_sqrt(grad_avg_sqs)
+        torch._foreach_add_(directions, torch._foreach_mul(scales, eps))
+        for grad_avg, direction in zip(grad_avgs, directions, strict=True):
+            torch.div(grad_avg, direction, out=direction)  # one pass, no temporary
     torch._foreach_lerp_(grad_dot_ws, grad_dots, 1.0 - beta1)
-    # s = sqrt(1 - beta2^t) per parameter; D = (sqrt(v) + eps * s) / s
-    scales = torch._foreach_pow(beta2, [step.to(w) for step, w in zip(steps, wides, strict=True)])
-    torch._foreach_neg_(scales)
-    torch._foreach_add_(scales, 1.0)
-    torch._foreach_sqrt_(scales)
-    directions = torch._foreach_sqrt(grad_avg_sqs)
-    torch._foreach_add_(directions, torch._foreach_mul(scales, eps))
-    for grad_avg, direction in zip(grad_avgs, directions, strict=True):
-        torch.div(grad_avg, direction, out=direction)  # one pass, no temporary
     dots = [_inner(p, a, w) for p, a, w in zip(params, grad_avgs, wides, strict=True)]
     norms = [_inner(a, u, w) for a, u, w in zip(grad_avgs, directions, wides, strict=True)]
     torch._foreach_mul_(norms, scales)
     columns = (torch._foreach_sub(dots, grad_dot_ws), grad_dot_ws, norms)
     sums = torch.stack([torch.stack([x.to(dtype) for x in column]).sum() for column in columns])
     return sums, (directions, scales)
+
+
+def _fused_direction_supported(params: list[Tensor]) -> bool:
+    """Where torch's fused Adam kernel exists for one device and dtype."""
+    first = params[0]
+    return (
+        first.device.type in ("cpu", "cuda")
+        and first.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        and all(p.device == first.device and p.dtype == first.dtype for p in params)
+    )
+
+
+def _fused_moments_and_direction(
+    grads: list[Tensor],
+    grad_avgs: list[Tensor],
+    grad_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Update d and v and form the direction in one fused pass over memory.
+
+    torch's fused Adam kernel, applied with lr=1 to zero buffers u instead of the parameters,
+    leaves u = -d / ((1-beta1^t) D): the moments are updated as MomoAdam updates them and
+    d/D = -(1-beta1^t) u. ``steps`` must already be incremented.
+    """
+    directions = [torch.zeros_like(g, memory_format=torch.preserve_format) for g in grads]
+    torch._fused_adam_(
+        directions,
+        grads,
+        grad_avgs,
+        grad_avg_sqs,
+        [],
+        steps,
+        lr=1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    wides = [accumulation_dtype(g.dtype) for g in grads]
+    exponents = [step.to(w) for step, w in zip(steps, wides, strict=True)]
+    scales = torch._foreach_pow(beta1, exponents)  # -(1 - beta1^t) = beta1^t - 1
+    torch._foreach_sub_(scales, 1.0)
+    return directions, scales
 
 
 def _multi_tensor_momo_adam_update(
