@@ -304,6 +304,8 @@ def run_size(size: str, configs: list[Config], args: argparse.Namespace) -> list
     reference_times: list[float] = []
 
     def finish(batch: list[Contender]) -> None:
+        names = ", ".join(c.config.name for c in batch)
+        print(f"timing {REFERENCE} with: {names or '(nothing else)'}", flush=True)
         reference.times = []
         time_batch([reference, *batch], rounds, steps)
         reference_times.extend(reference.times)
@@ -331,6 +333,7 @@ def run_size(size: str, configs: list[Config], args: argparse.Namespace) -> list
             skipped.append((config.name, reason))
             print(f"skipped {config.name}: {reason}", flush=True)
             continue
+        print(f"built {config.name}: state {contender.state_bytes / 2**20:.1f} MiB", flush=True)
         batch.append(contender)
         used = reference.footprint() + sum(c.footprint() for c in batch)
         if used > budget and len(batch) > 1:
