@@ -563,7 +563,9 @@ class AutoSGM(HFOptimizer):
                 group["step"] = group["step"].to(device)
             group["step"] += 1
             factor = window_factor(group["step"], group)
-            if self._use_foreach(group):
+            if self._use_foreach(group) and _use_blocks(params):
+                lr_effective = _blocked_autosgm(params, grads, states, group, factor)
+            elif self._use_foreach(group):
                 lr_effective = _multi_tensor_autosgm(params, grads, states, group, factor)
             else:
                 lr_effective = _single_tensor_autosgm(params, grads, states, group, factor)
@@ -681,6 +683,24 @@ def _reference_numerator(
 
 
 # -- the multi-tensor path ---------------------------------------------------------------------
+def _prepare(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    group: dict[str, Any],
+) -> tuple[Tensor, Tensor | None]:
+    """Advance the per-parameter counters; return the per-tensor scale F c1 / (1 - gamma)
+    (without F) and the second moment's debias factors (None without debiasing)."""
+    steps = [state["step"] for state in states]
+    torch._foreach_add_(steps, 1.0)
+    t = torch.stack(steps).to(accumulation_dtype(params[0].dtype))
+    eta_m, eta_a = _filter_gains(group)
+    if not group["debias"]:
+        return torch.full_like(t, 1.0 / (1.0 - group["gamma"])), None
+    scale = _debias(t, group["beta_i"], eta_m) / (1.0 - group["gamma"])
+    return scale, _debias(t, group["beta_a"], eta_a)
+
+
 def _multi_tensor_autosgm(
     params: list[Tensor],
     grads: list[Tensor],
@@ -692,9 +712,11 @@ def _multi_tensor_autosgm(
     lr, num_lrc, adaptive = group["lr"], group["num_lrc"], group["adaptive"]
     beta_a, beta_i, gamma = group["beta_a"], group["beta_i"], group["gamma"]
     weight_decay, eps = group["weight_decay"], group["eps"]
+    eps_in = eps if group["eps_inside_sqrt"] else 0.0
     eta_m, eta_a = _filter_gains(group)
     device = params[0].device
     dtype = accumulation_dtype(params[0].dtype)
+    count = len(params)
     low_precision = [p.dtype != accumulation_dtype(p.dtype) for p in params]
     ws = [p.to(accumulation_dtype(p.dtype)) for p in params]
     gs = [g.to(accumulation_dtype(g.dtype)) for g in grads]
@@ -702,16 +724,8 @@ def _multi_tensor_autosgm(
         gs = torch._foreach_neg(gs)
     if weight_decay != 0.0 and not group["decoupled"]:
         gs = torch._foreach_add(gs, ws, alpha=weight_decay)
-
-    steps = [state["step"] for state in states]
-    torch._foreach_add_(steps, 1.0)
-    t = torch.stack(steps).to(dtype)
-    # one scale per tensor: F * c1 / (1 - gamma), with c1 the momentum's debias factor
-    scale = factor.to(dtype) / (1.0 - gamma)
-    if group["debias"]:
-        scale = scale * _debias(t, beta_i, eta_m)
-    else:
-        scale = scale.expand(len(params))
+    scale, c2 = _prepare(params, grads, states, group)
+    scale = scale * factor.to(dtype)
 
     momenta = [state["momentum"] for state in states]
     if gamma != 0.0:
@@ -728,142 +742,335 @@ def _multi_tensor_autosgm(
             torch._foreach_add_(momenta, gs, alpha=eta_m)
         filtered = momenta
 
+    elementwise = num_lrc >= 2 and not group["per_tensor"]
+    per_tensor_numerator = torch.full((count,), lr, dtype=dtype, device=device)
+    denoms = None
     if adaptive:
         seconds = [state["exp_avg_sq"] for state in states]
         torch._foreach_mul_(seconds, beta_a)
         torch._foreach_addcmul_(seconds, gs, gs, value=eta_a)
-        eps_in = eps if group["eps_inside_sqrt"] else 0.0
-        if group["debias"]:
-            c2 = _debias(t, beta_a, eta_a)
         if num_lrc >= 2:
             # the numerator needs the true denominator d
-            if group["debias"]:
-                denom = torch._foreach_mul(seconds, list(c2.unbind()))
+            if c2 is not None:
+                denoms = torch._foreach_mul(seconds, list(c2.unbind()))
                 if eps_in:
-                    torch._foreach_add_(denom, eps_in)
+                    torch._foreach_add_(denoms, eps_in)
             else:
-                denom = torch._foreach_add(seconds, eps_in)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
-            numerators = _multi_tensor_numerator(ws, gs, denom, states, group)
+                denoms = torch._foreach_add(seconds, eps_in)
+            torch._foreach_sqrt_(denoms)
+            torch._foreach_add_(denoms, eps)
+            pieces = {
+                key: [state[key] for state in states]
+                for key in ("corr", "weight_sq", "corr_scale", "corr_var")
+                if key in states[0]
+            }
+            estimates = _numerator_estimates(ws, gs, denoms, pieces, group)
+            numerators = [state["numerator"] for state in states]
+            if elementwise:
+                torch._foreach_mul_(numerators, _NUMERATOR_POLE)
+                torch._foreach_add_(numerators, estimates, alpha=1.0 - _NUMERATOR_POLE)
+                estimates = numerators
+            sums = finish_sums(tensor_sums(estimates, dtype))
+            means = sums / torch.tensor([p.numel() for p in params], dtype=dtype, device=device)
+            if elementwise:
+                per_tensor_numerator = means  # for the statistic only
+            else:
+                torch._foreach_mul_(numerators, _NUMERATOR_POLE)
+                torch._foreach_add_(numerators, list(means.unbind()), alpha=1.0 - _NUMERATOR_POLE)
+                per_tensor_numerator = torch.stack(numerators)
         else:
-            # d = sqrt(c2) (sqrt(b + eps_in / c2) + eps / sqrt(c2)): fold sqrt(c2) into the scale
-            if group["debias"]:
-                denom = torch._foreach_add(seconds, list((eps_in / c2).unbind()))
-                torch._foreach_sqrt_(denom)
+            # d = sqrt(c2) (sqrt(b + eps_in / c2) + eps / sqrt(c2)): sqrt(c2) joins the scale
+            if c2 is not None:
+                denoms = torch._foreach_add(seconds, list((eps_in / c2).unbind()))
+                torch._foreach_sqrt_(denoms)
                 root_c2 = c2.sqrt()
-                torch._foreach_add_(denom, list((eps / root_c2).unbind()))
+                torch._foreach_add_(denoms, list((eps / root_c2).unbind()))
                 scale = scale / root_c2
             else:
-                denom = torch._foreach_add(seconds, eps_in)
-                torch._foreach_sqrt_(denom)
-                torch._foreach_add_(denom, eps)
-            numerators = None
-    else:
-        denom = None
-        numerators = None
-
-    if numerators is None:
-        per_tensor_numerator = torch.full((len(params),), lr, dtype=dtype, device=device)
-    elif group["per_tensor"]:
-        per_tensor_numerator = torch.stack(numerators)
-    else:
-        per_tensor_numerator = finish_sums(tensor_sums(numerators, dtype)) / torch.tensor(
-            [n.numel() for n in numerators], dtype=dtype, device=device
-        )
+                denoms = torch._foreach_add(seconds, eps_in)
+                torch._foreach_sqrt_(denoms)
+                torch._foreach_add_(denoms, eps)
 
     if weight_decay != 0.0 and group["decoupled"]:
         decay = (1.0 - beta_i) / (1.0 - gamma) * weight_decay
-        shrink = 1.0 - factor.to(dtype) * per_tensor_numerator * decay
-        if numerators is not None and not group["per_tensor"]:
-            shrinks = [1.0 - factor.to(dtype) * decay * n for n in numerators]
+        if elementwise:
+            shrinks = [1.0 - factor.to(dtype) * decay * state["numerator"] for state in states]
         else:
-            shrinks = list(shrink.unbind())
+            shrinks = list((1.0 - factor.to(dtype) * per_tensor_numerator * decay).unbind())
         torch._foreach_mul_(ws, shrinks)
 
-    if numerators is None or group["per_tensor"]:
-        step_sizes = list((scale * per_tensor_numerator).unbind())
-    else:
+    if elementwise:
         step_sizes = list(scale.unbind())
-        torch._foreach_div_(denom, numerators)
-    if denom is None:
+        torch._foreach_div_(denoms, [state["numerator"] for state in states])
+    else:
+        step_sizes = list((scale * per_tensor_numerator).unbind())
+    if denoms is None:
         torch._foreach_addcmul_(ws, filtered, torch._foreach_neg(step_sizes))
     else:
-        torch._foreach_div_(denom, step_sizes)
-        torch._foreach_addcdiv_(ws, filtered, denom, value=-1.0)
+        torch._foreach_div_(denoms, step_sizes)
+        torch._foreach_addcdiv_(ws, filtered, denoms, value=-1.0)
     copies = [(p, w) for p, w, low in zip(params, ws, low_precision, strict=True) if low]
     if copies:
         torch._foreach_copy_([p for p, _ in copies], [w for _, w in copies])
     return factor.to(dtype) * per_tensor_numerator.mean()
 
 
-def _multi_tensor_numerator(
+# -- the cache-blocked CPU path ----------------------------------------------------------------
+#: On CPU the fast path works through each tensor in blocks of this many elements with
+#: preallocated scratch buffers, so that the numerator's ~30 elementwise operations run on data
+#: that stays in cache and allocate nothing; torch's foreach kernels are no faster than a loop
+#: on CPU. ``None`` selects the foreach path on CPU too.
+_CPU_BLOCK: int | None = 1 << 16
+
+
+def _use_blocks(params: list[Tensor]) -> bool:
+    return (
+        _CPU_BLOCK is not None
+        and params[0].device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _pieces(param: Tensor, grad: Tensor, block: int) -> list[slice | None]:
+    """Flat slices of at most ``block`` elements, or the whole tensor (None)."""
+    n = param.numel()
+    if n <= block or not (param.is_contiguous() and grad.is_contiguous()):
+        return [None]
+    return [slice(s, min(s + block, n)) for s in range(0, n, block)]
+
+
+def _piece(tensor: Tensor, where: slice | None) -> Tensor:
+    return tensor if where is None else tensor.view(-1)[where]
+
+
+def _blocked_autosgm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    group: dict[str, Any],
+    factor: Tensor,
+) -> Tensor:
+    """The same update, one cache-sized block at a time: a first sweep updates the second
+    moment and the numerator's statistics, a second sweep filters and updates the weights."""
+    lr, num_lrc, adaptive = group["lr"], group["num_lrc"], group["adaptive"]
+    beta_a, beta_i, gamma = group["beta_a"], group["beta_i"], group["gamma"]
+    weight_decay, eps = group["weight_decay"], group["eps"]
+    eps_in = eps if group["eps_inside_sqrt"] else 0.0
+    coupled = weight_decay != 0.0 and not group["decoupled"]
+    eta_m, eta_a = _filter_gains(group)
+    dtype = accumulation_dtype(params[0].dtype)
+    device = params[0].device
+    block = _CPU_BLOCK or 1
+    pieces = [_pieces(p, g, block) for p, g in zip(params, grads, strict=True)]
+    size = max(
+        p.numel() if len(where) == 1 else block for p, where in zip(params, pieces, strict=True)
+    )
+    scratch = torch.empty((8, size), dtype=dtype, device=device)
+    scale, c2 = _prepare(params, grads, states, group)
+    scale = scale * factor.to(dtype)
+    two_sweeps = adaptive and num_lrc >= 2
+    elementwise = two_sweeps and not group["per_tensor"]
+
+    def buffers(where_tensor: Tensor, where: slice | None) -> list[Tensor]:
+        n = where_tensor.numel() if where is None else where.stop - where.start
+        shape = where_tensor.shape if where is None else (n,)
+        return [row[:n].view(shape) for row in scratch]
+
+    def gradient(index: int, where: slice | None, w: Tensor, out: Tensor) -> Tensor:
+        g = _piece(grads[index], where)
+        if group["maximize"]:
+            g = torch.neg(g, out=out)
+        elif g.dtype != dtype:
+            g = out.copy_(g)
+        if coupled:
+            g = torch.add(g, w, alpha=weight_decay, out=out)
+        return g
+
+    def weights(index: int, where: slice | None, out: Tensor) -> Tensor:
+        w = _piece(params[index], where)
+        return w if w.dtype == dtype else out.copy_(w)
+
+    eps_in_tensor = torch.full((), eps_in, dtype=dtype, device=device)
+
+    def denominator(second: Tensor, index: int, out: Tensor) -> Tensor:
+        if c2 is not None:
+            d = torch.addcmul(eps_in_tensor, second, c2[index], out=out)
+        else:
+            d = torch.add(second, eps_in, out=out)
+        return d.sqrt_().add_(eps)
+
+    # first sweep: second moment and numerator statistics (num_lrc 2, 3, 4)
+    per_tensor_numerator = torch.full((len(params),), lr, dtype=dtype, device=device)
+    if two_sweeps:
+        sums = []
+        for index, state in enumerate(states):
+            total = torch.zeros((), dtype=dtype, device=device)
+            for where in pieces[index]:
+                buf = buffers(params[index], where)
+                w = weights(index, where, buf[0])
+                g = gradient(index, where, w, buf[1])
+                second = _piece(state["exp_avg_sq"], where)
+                second.mul_(beta_a).addcmul_(g, g, value=eta_a)
+                d = denominator(second, index, buf[2])
+                piece = {k: _piece(v, where) for k, v in state.items() if v.ndim or where is None}
+                estimate = _block_numerator_estimate(w, g, d, piece, buf[3:], group)
+                if elementwise:
+                    numerator = piece["numerator"]
+                    numerator.mul_(_NUMERATOR_POLE).add_(estimate, alpha=1.0 - _NUMERATOR_POLE)
+                    estimate = numerator
+                total += estimate.sum(dtype=dtype)
+            sums.append(total)
+        means = finish_sums(torch.stack(sums)) / torch.tensor(
+            [p.numel() for p in params], dtype=dtype, device=device
+        )
+        if elementwise:
+            per_tensor_numerator = means  # for the statistic only
+        else:
+            numerators = [state["numerator"] for state in states]
+            torch._foreach_mul_(numerators, _NUMERATOR_POLE)
+            torch._foreach_add_(numerators, list(means.unbind()), alpha=1.0 - _NUMERATOR_POLE)
+            per_tensor_numerator = torch.stack(numerators)
+
+    # second sweep: filter, (second moment), decay and update
+    decay = (1.0 - beta_i) / (1.0 - gamma) * weight_decay if group["decoupled"] else 0.0
+    step_sizes = (scale if elementwise else scale * per_tensor_numerator).unbind()
+    shrinks = (1.0 - factor.to(dtype) * decay * per_tensor_numerator).unbind()
+    for index, state in enumerate(states):
+        for where in pieces[index]:
+            buf = buffers(params[index], where)
+            w = weights(index, where, buf[0])
+            g = gradient(index, where, w, buf[1])
+            momentum = _piece(state["momentum"], where)
+            if gamma != 0.0:
+                momentum.mul_(beta_i).add_(g, alpha=eta_m)
+                filtered = torch.mul(momentum, (beta_i - gamma) / beta_i, out=buf[3])
+                filtered.add_(g, alpha=gamma * eta_m / beta_i)
+            elif eta_m == 1.0 - beta_i:
+                filtered = momentum.lerp_(g, eta_m)
+            else:
+                filtered = momentum.mul_(beta_i).add_(g, alpha=eta_m)
+            if decay:
+                if elementwise:
+                    numerator = _piece(state["numerator"], where)
+                    w.mul_(torch.mul(numerator, factor.to(dtype) * -decay, out=buf[4]).add_(1.0))
+                else:
+                    w.mul_(shrinks[index])
+            if adaptive:
+                second = _piece(state["exp_avg_sq"], where)
+                if not two_sweeps:
+                    second.mul_(beta_a).addcmul_(g, g, value=eta_a)
+                d = denominator(second, index, buf[2])
+                if elementwise:
+                    d.div_(_piece(state["numerator"], where))
+                w.addcdiv_(filtered, d.div_(step_sizes[index]), value=-1.0)
+            else:
+                w.addcmul_(filtered, step_sizes[index], value=-1.0)
+            target = _piece(params[index], where)
+            if w is not target:
+                target.copy_(w)
+    return factor.to(dtype) * per_tensor_numerator.mean()
+
+
+def _block_numerator_estimate(
+    w: Tensor,
+    g: Tensor,
+    d: Tensor,
+    state: dict[str, Tensor],
+    scratch: list[Tensor],
+    group: dict[str, Any],
+) -> Tensor:
+    """One block of the numerator's EMAs (num_lrc 2, 3, 4); returns the clipped estimate,
+    written into the scratch buffers."""
+    lr, num_lrc, beta_n, eps = group["lr"], group["num_lrc"], group["beta_n"], group["eps"]
+    work, magnitude, robust, one_plus, low = scratch[:5]
+    corr = state["corr"]
+    torch.div(g, d, out=work)  # the normalised gradient
+    if num_lrc == 2:
+        work.square_().addcmul_(w, w)
+        corr.mul_(beta_n).add_(work, alpha=(1.0 - beta_n) * lr)
+        return torch.clamp(corr, max=lr, out=robust)
+    weight_sq, scale = state["weight_sq"], state["corr_scale"]
+    weight_sq.mul_(beta_n).addcmul_(w, w, value=1.0 - beta_n)
+    work.mul_(w)  # x = w * g / d
+    cf = group["cf"] if num_lrc == 3 else 1.0
+    if num_lrc == 3:
+        torch.abs(work, out=magnitude).add_(eps)
+        scale.lerp_(magnitude, 1.0 - beta_n)
+        torch.div(scale, magnitude, out=robust)
+    else:
+        scale.lerp_(work, 1.0 - beta_n)
+        torch.sub(work, scale, out=magnitude).abs_().add_(eps)
+        variance = state["corr_var"]
+        variance.mul_(beta_n).addcmul_(magnitude, magnitude, value=1.0 - beta_n)
+        torch.sqrt(variance, out=robust).add_(eps).div_(magnitude)
+    robust.clamp_(max=1.0 / cf).mul_(work)  # h / cf
+    one, zero = d.new_ones(()), d.new_zeros(())
+    torch.add(one, weight_sq, alpha=beta_n if num_lrc == 3 else 1.0, out=one_plus)
+    corr.mul_(beta_n).addcdiv_(robust, one_plus, value=lr * cf)
+    clipped = torch.clamp(d, max=1.0, out=magnitude)
+    torch.mul(clipped, clipped, out=low).sub_(1.0).square_().mul_(clipped)
+    torch.addcdiv(zero, low, one_plus, value=lr, out=low)
+    one_plus.mul_(lr)
+    estimate = torch.abs(corr, out=robust)
+    return torch.clamp(estimate, min=low, max=one_plus, out=estimate)
+
+
+def _numerator_estimates(
     ws: list[Tensor],
     gs: list[Tensor],
     denom: list[Tensor],
-    states: list[dict[str, Tensor]],
+    piece: dict[str, list[Tensor]],
     group: dict[str, Any],
 ) -> list[Tensor]:
-    """Update the numerator estimates (num_lrc 2, 3, 4); return each tensor's numerator."""
+    """Update the numerator's EMAs (num_lrc 2, 3, 4) and return the clipped estimates."""
     lr, num_lrc, beta_n, eps = group["lr"], group["num_lrc"], group["beta_n"], group["eps"]
-    corrs = [state["corr"] for state in states]
+    corrs = piece["corr"]
     work = torch._foreach_div(gs, denom)  # the normalised gradient
     if num_lrc == 2:
         torch._foreach_mul_(work, work)
         torch._foreach_addcmul_(work, ws, ws)
         torch._foreach_mul_(corrs, beta_n)
         torch._foreach_add_(corrs, work, alpha=(1.0 - beta_n) * lr)
-        estimates = torch._foreach_clamp_max(corrs, lr)
+        return torch._foreach_clamp_max(corrs, lr)
+    weight_sqs, scales = piece["weight_sq"], piece["corr_scale"]
+    torch._foreach_mul_(weight_sqs, beta_n)
+    torch._foreach_addcmul_(weight_sqs, ws, ws, value=1.0 - beta_n)
+    torch._foreach_mul_(work, ws)  # x = w * g / d
+    cf = group["cf"] if num_lrc == 3 else 1.0
+    if num_lrc == 3:
+        magnitude = torch._foreach_abs(work)
+        torch._foreach_add_(magnitude, eps)
+        torch._foreach_lerp_(scales, magnitude, 1.0 - beta_n)
+        robust = torch._foreach_div(scales, magnitude)
     else:
-        weight_sqs = [state["weight_sq"] for state in states]
-        scales = [state["corr_scale"] for state in states]
-        torch._foreach_mul_(weight_sqs, beta_n)
-        torch._foreach_addcmul_(weight_sqs, ws, ws, value=1.0 - beta_n)
-        torch._foreach_mul_(work, ws)  # x = w * g / d
-        if num_lrc == 3:
-            magnitude = torch._foreach_abs(work)
-            torch._foreach_add_(magnitude, eps)
-            torch._foreach_lerp_(scales, magnitude, 1.0 - beta_n)
-            robust = torch._foreach_mul(scales, group["cf"])
-        else:
-            variances = [state["corr_var"] for state in states]
-            torch._foreach_lerp_(scales, work, 1.0 - beta_n)
-            magnitude = torch._foreach_sub(work, scales)
-            torch._foreach_abs_(magnitude)
-            torch._foreach_add_(magnitude, eps)
-            torch._foreach_mul_(variances, beta_n)
-            torch._foreach_addcmul_(variances, magnitude, magnitude, value=1.0 - beta_n)
-            robust = torch._foreach_sqrt(variances)
-            torch._foreach_add_(robust, eps)
-        torch._foreach_minimum_(robust, magnitude)
+        variances = piece["corr_var"]
+        torch._foreach_lerp_(scales, work, 1.0 - beta_n)
+        magnitude = torch._foreach_sub(work, scales)
+        torch._foreach_abs_(magnitude)
+        torch._foreach_add_(magnitude, eps)
+        torch._foreach_mul_(variances, beta_n)
+        torch._foreach_addcmul_(variances, magnitude, magnitude, value=1.0 - beta_n)
+        robust = torch._foreach_sqrt(variances)
+        torch._foreach_add_(robust, eps)
         torch._foreach_div_(robust, magnitude)
-        torch._foreach_mul_(robust, work)  # the robust correlation h
-        # 1 + W, with W = beta_n q (num_lrc 3) or q (num_lrc 4)
-        one_plus = torch._foreach_mul(weight_sqs, beta_n if num_lrc == 3 else 1.0)
-        torch._foreach_add_(one_plus, 1.0)
-        torch._foreach_mul_(corrs, beta_n)
-        torch._foreach_addcdiv_(corrs, robust, one_plus, value=lr)
-        # clip |p| to [tukey(d) lr / (1 + W), lr (1 + W)]
-        low = torch._foreach_clamp_max(denom, 1.0)
-        tukey = torch._foreach_mul(low, low)
-        torch._foreach_neg_(tukey)
-        torch._foreach_add_(tukey, 1.0)  # 1 - min(d, 1)^2
-        torch._foreach_mul_(low, tukey)
-        torch._foreach_mul_(low, tukey)
-        torch._foreach_div_(low, one_plus)
-        torch._foreach_mul_(low, lr)
-        torch._foreach_mul_(one_plus, lr)
-        estimates = torch._foreach_abs(corrs)
-        torch._foreach_maximum_(estimates, low)
-        torch._foreach_minimum_(estimates, one_plus)
-    numerators = [state["numerator"] for state in states]
-    if group["per_tensor"]:
-        dtype = estimates[0].dtype
-        sums = finish_sums(tensor_sums(estimates, dtype))
-        counts = torch.tensor([e.numel() for e in estimates], dtype=dtype, device=sums.device)
-        raw = list((sums / counts).unbind())
-    else:
-        raw = estimates
-    torch._foreach_mul_(numerators, _NUMERATOR_POLE)
-    torch._foreach_add_(numerators, raw, alpha=1.0 - _NUMERATOR_POLE)
-    return numerators
+    # h / cf = x min(1 / cf, scale / magnitude)
+    torch._foreach_clamp_max_(robust, 1.0 / cf)
+    torch._foreach_mul_(robust, work)
+    # 1 + W, with W = beta_n q (num_lrc 3) or q (num_lrc 4)
+    one_plus = torch._foreach_mul(weight_sqs, beta_n if num_lrc == 3 else 1.0)
+    torch._foreach_add_(one_plus, 1.0)
+    torch._foreach_mul_(corrs, beta_n)
+    torch._foreach_addcdiv_(corrs, robust, one_plus, value=lr * cf)
+    # clip |p| to [tukey(d) lr / (1 + W), lr (1 + W)], tukey(d) = (min(d, 1)^2 - 1)^2 min(d, 1)
+    clipped = torch._foreach_clamp_max(denom, 1.0)
+    low = torch._foreach_mul(clipped, clipped)
+    torch._foreach_sub_(low, 1.0)
+    torch._foreach_mul_(low, low)
+    torch._foreach_mul_(low, clipped)
+    torch._foreach_div_(low, one_plus)
+    torch._foreach_mul_(low, lr)
+    torch._foreach_mul_(one_plus, lr)
+    estimates = torch._foreach_abs(corrs)
+    torch._foreach_maximum_(estimates, low)
+    torch._foreach_minimum_(estimates, one_plus)
+    return estimates

@@ -495,3 +495,48 @@ def test_benchmark_constructor_works(num_lrc: int) -> None:
     assert set(stats) == {"lr_effective/group_0", "window_factor/group_0"}
     assert stats["window_factor/group_0"] == 1.0
     assert 0 < stats["lr_effective/group_0"] <= 1e-3 * (1 + 1e-6)
+
+
+# -- the fast paths ---------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [None, 7], ids=["foreach", "cpu-blocks-of-7"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_lrc": 0, "gamma": 0.3, "weight_decay": 0.1, "decoupled": True, "maximize": True},
+        {"num_lrc": 0, "adaptive": False, "eta_i": 1.0, "debias": False},
+        {"num_lrc": 2, "weight_decay": 0.1, "eps_inside_sqrt": False},
+        {"num_lrc": 3, "gamma": 0.4, "weight_decay": 0.1, "decoupled": True},
+        {"num_lrc": 4, "per_tensor": False, "weight_decay": 0.1, "decoupled": True},
+        {"num_lrc": 4, "debias": False, "maximize": True, "eta_i": 0.5},
+    ],
+    ids=["lrc0", "sgd", "lrc2", "lrc3", "lrc4-elementwise", "lrc4"],
+)
+def test_fast_paths_match_the_reference(monkeypatch, block, kwargs: dict) -> None:
+    """The foreach path (used off CPU) and the cache-blocked CPU path, with blocks that split
+    tensors, both equal the single-tensor reference in float64."""
+    import hf_optim.autosgm as module
+
+    monkeypatch.setattr(module, "_CPU_BLOCK", block)
+    options = {"lr": 1e-2, "beta_n": 0.99, "window": "cosine", "window_steps": 20, **kwargs}
+    assert_same_trajectory(
+        lambda p: AutoSGM(p, foreach=False, **options),
+        lambda p: AutoSGM(p, foreach=True, **options),
+        steps=12,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("block", [None, 7], ids=["foreach", "cpu-blocks-of-7"])
+def test_fast_paths_handle_bfloat16(monkeypatch, block) -> None:
+    import hf_optim.autosgm as module
+
+    monkeypatch.setattr(module, "_CPU_BLOCK", block)
+    results = []
+    for foreach in (False, True):
+        params = clone(make_params(dtype=torch.bfloat16))
+        run(AutoSGM(params, lr=1e-2, num_lrc=3, beta_n=0.99, foreach=foreach), params, 6)
+        results.append(params)
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
