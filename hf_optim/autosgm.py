@@ -839,10 +839,6 @@ def _pieces(param: Tensor, grad: Tensor, block: int) -> list[slice | None]:
     return [slice(s, min(s + block, n)) for s in range(0, n, block)]
 
 
-def _piece(tensor: Tensor, where: slice | None) -> Tensor:
-    return tensor if where is None else tensor.view(-1)[where]
-
-
 def _blocked_autosgm(
     params: list[Tensor],
     grads: list[Tensor],
@@ -865,19 +861,34 @@ def _blocked_autosgm(
     size = max(
         p.numel() if len(where) == 1 else block for p, where in zip(params, pieces, strict=True)
     )
-    scratch = torch.empty((8, size), dtype=dtype, device=device)
+    rows = torch.empty((8, size), dtype=dtype, device=device).unbind()
     scale, c2 = _prepare(params, grads, states, group)
     scale = scale * factor.to(dtype)
+    c2_parts = c2.unbind() if c2 is not None else None
     two_sweeps = adaptive and num_lrc >= 2
     elementwise = two_sweeps and not group["per_tensor"]
+    keys = [
+        k for k in ("exp_avg_sq", "corr", "weight_sq", "corr_scale", "corr_var") if k in states[0]
+    ]
+    if elementwise:
+        keys.append("numerator")
 
-    def buffers(where_tensor: Tensor, where: slice | None) -> list[Tensor]:
-        n = where_tensor.numel() if where is None else where.stop - where.start
-        shape = where_tensor.shape if where is None else (n,)
-        return [row[:n].view(shape) for row in scratch]
+    def views(tensor: Tensor, wheres: list[slice | None]) -> list[Tensor]:
+        if wheres == [None]:
+            return [tensor]
+        flat = tensor.view(-1)
+        return [flat[where] for where in wheres]
 
-    def gradient(index: int, where: slice | None, w: Tensor, out: Tensor) -> Tensor:
-        g = _piece(grads[index], where)
+    scratch: dict[tuple[int, ...], list[Tensor]] = {}
+
+    def buffers(like: Tensor) -> list[Tensor]:
+        # views of the scratch rows shaped like one piece, reused by pieces of that shape
+        shape = tuple(like.shape)
+        if shape not in scratch:
+            scratch[shape] = [row[: like.numel()].view(shape) for row in rows]
+        return scratch[shape]
+
+    def gradient(g: Tensor, w: Tensor, out: Tensor) -> Tensor:
         if group["maximize"]:
             g = torch.neg(g, out=out)
         elif g.dtype != dtype:
@@ -886,15 +897,11 @@ def _blocked_autosgm(
             g = torch.add(g, w, alpha=weight_decay, out=out)
         return g
 
-    def weights(index: int, where: slice | None, out: Tensor) -> Tensor:
-        w = _piece(params[index], where)
-        return w if w.dtype == dtype else out.copy_(w)
-
-    eps_in_tensor = torch.full((), eps_in, dtype=dtype, device=device)
-
     def denominator(second: Tensor, index: int, out: Tensor) -> Tensor:
-        if c2 is not None:
-            d = torch.addcmul(eps_in_tensor, second, c2[index], out=out)
+        if c2_parts is not None:
+            d = torch.mul(second, c2_parts[index], out=out)
+            if eps_in:
+                d.add_(eps_in)
         else:
             d = torch.add(second, eps_in, out=out)
         return d.sqrt_().add_(eps)
@@ -904,22 +911,26 @@ def _blocked_autosgm(
     if two_sweeps:
         sums = []
         for index, state in enumerate(states):
-            total = torch.zeros((), dtype=dtype, device=device)
-            for where in pieces[index]:
-                buf = buffers(params[index], where)
-                w = weights(index, where, buf[0])
-                g = gradient(index, where, w, buf[1])
-                second = _piece(state["exp_avg_sq"], where)
+            where = pieces[index]
+            state_views = {key: views(state[key], where) for key in keys}
+            piece_sums = []
+            for part, (p, g) in enumerate(
+                zip(views(params[index], where), views(grads[index], where), strict=True)
+            ):
+                buf = buffers(p)
+                w = p if p.dtype == dtype else buf[0].copy_(p)
+                g = gradient(g, w, buf[1])
+                piece = {key: state_views[key][part] for key in keys}
+                second = piece["exp_avg_sq"]
                 second.mul_(beta_a).addcmul_(g, g, value=eta_a)
                 d = denominator(second, index, buf[2])
-                piece = {k: _piece(v, where) for k, v in state.items() if v.ndim or where is None}
                 estimate = _block_numerator_estimate(w, g, d, piece, buf[3:], group)
                 if elementwise:
                     numerator = piece["numerator"]
                     numerator.mul_(_NUMERATOR_POLE).add_(estimate, alpha=1.0 - _NUMERATOR_POLE)
                     estimate = numerator
-                total += estimate.sum(dtype=dtype)
-            sums.append(total)
+                piece_sums.append(estimate.sum(dtype=dtype))
+            sums.append(piece_sums[0] if len(piece_sums) == 1 else torch.stack(piece_sums).sum())
         means = finish_sums(torch.stack(sums)) / torch.tensor(
             [p.numel() for p in params], dtype=dtype, device=device
         )
@@ -936,11 +947,17 @@ def _blocked_autosgm(
     step_sizes = (scale if elementwise else scale * per_tensor_numerator).unbind()
     shrinks = (1.0 - factor.to(dtype) * decay * per_tensor_numerator).unbind()
     for index, state in enumerate(states):
-        for where in pieces[index]:
-            buf = buffers(params[index], where)
-            w = weights(index, where, buf[0])
-            g = gradient(index, where, w, buf[1])
-            momentum = _piece(state["momentum"], where)
+        where = pieces[index]
+        momenta = views(state["momentum"], where)
+        seconds = views(state["exp_avg_sq"], where) if adaptive else momenta
+        numerators = views(state["numerator"], where) if elementwise else momenta
+        for part, (p, g) in enumerate(
+            zip(views(params[index], where), views(grads[index], where), strict=True)
+        ):
+            buf = buffers(p)
+            w = p if p.dtype == dtype else buf[0].copy_(p)
+            g = gradient(g, w, buf[1])
+            momentum = momenta[part]
             if gamma != 0.0:
                 momentum.mul_(beta_i).add_(g, alpha=eta_m)
                 filtered = torch.mul(momentum, (beta_i - gamma) / beta_i, out=buf[3])
@@ -951,23 +968,22 @@ def _blocked_autosgm(
                 filtered = momentum.mul_(beta_i).add_(g, alpha=eta_m)
             if decay:
                 if elementwise:
-                    numerator = _piece(state["numerator"], where)
-                    w.mul_(torch.mul(numerator, factor.to(dtype) * -decay, out=buf[4]).add_(1.0))
+                    shrink = torch.mul(numerators[part], factor.to(dtype) * -decay, out=buf[4])
+                    w.mul_(shrink.add_(1.0))
                 else:
                     w.mul_(shrinks[index])
             if adaptive:
-                second = _piece(state["exp_avg_sq"], where)
+                second = seconds[part]
                 if not two_sweeps:
                     second.mul_(beta_a).addcmul_(g, g, value=eta_a)
                 d = denominator(second, index, buf[2])
                 if elementwise:
-                    d.div_(_piece(state["numerator"], where))
+                    d.div_(numerators[part])
                 w.addcdiv_(filtered, d.div_(step_sizes[index]), value=-1.0)
             else:
                 w.addcmul_(filtered, step_sizes[index], value=-1.0)
-            target = _piece(params[index], where)
-            if w is not target:
-                target.copy_(w)
+            if w is not p:
+                p.copy_(w)
     return factor.to(dtype) * per_tensor_numerator.mean()
 
 
