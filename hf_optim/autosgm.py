@@ -573,14 +573,21 @@ class AutoSGM(HFOptimizer):
                 group["step"] = group["step"].to(device)
             group["step"] += 1
             factor = window_factor(group["step"], group)
-            if self._use_foreach(group) and _use_blocks(params):
-                lr_effective = _blocked_autosgm(params, grads, states, group, factor)
-            elif self._use_foreach(group):
-                lr_effective = _multi_tensor_autosgm(params, grads, states, group, factor)
+            if not self._use_foreach(group):
+                numerators = _single_tensor_autosgm(params, grads, states, group, factor)
+            elif _use_blocks(params):
+                # large tensors in cache-sized blocks, small ones together with foreach ops
+                numerators = torch.cat(
+                    [
+                        path([params[i] for i in part], [grads[i] for i in part],
+                             [states[i] for i in part], group, factor)
+                        for path, part in _split_by_size(params)
+                    ]
+                )  # fmt: skip
             else:
-                lr_effective = _single_tensor_autosgm(params, grads, states, group, factor)
+                numerators = _multi_tensor_autosgm(params, grads, states, group, factor)
             group["window_factor"] = factor
-            group["lr_effective"] = lr_effective
+            group["lr_effective"] = numerators.mean()
 
 
 def _filter_gains(group: dict[str, Any]) -> tuple[float, float]:
@@ -655,7 +662,7 @@ def _single_tensor_autosgm(
         if weight_decay != 0.0 and group["decoupled"]:
             update = update + (1.0 - beta_i) / (1.0 - gamma) * weight_decay * w
         param.copy_(w - factor.to(dtype) * numerator * update)
-    return factor * torch.stack(numerators).mean()
+    return factor * torch.stack(numerators)
 
 
 def _reference_numerator(
@@ -818,7 +825,7 @@ def _multi_tensor_autosgm(
     copies = [(p, w) for p, w, low in zip(params, ws, low_precision, strict=True) if low]
     if copies:
         torch._foreach_copy_([p for p, _ in copies], [w for _, w in copies])
-    return factor.to(dtype) * per_tensor_numerator.mean()
+    return factor.to(dtype) * per_tensor_numerator
 
 
 # -- the cache-blocked CPU path ----------------------------------------------------------------
@@ -827,6 +834,8 @@ def _multi_tensor_autosgm(
 #: that stays in cache and allocate nothing; torch's foreach kernels are no faster than a loop
 #: on CPU. ``None`` selects the foreach path on CPU too.
 _CPU_BLOCK: int | None = 1 << 16
+#: Smaller tensors take the foreach path even on CPU.
+_CPU_SMALL = 1 << 13
 
 
 def _use_blocks(params: list[Tensor]) -> bool:
@@ -835,6 +844,15 @@ def _use_blocks(params: list[Tensor]) -> bool:
         and params[0].device.type == "cpu"
         and not torch.compiler.is_compiling()
     )
+
+
+def _split_by_size(params: list[Tensor]) -> list[tuple[Any, list[int]]]:
+    """(path, indices): the blocked path for tensors of at least ``_CPU_SMALL`` elements, the
+    foreach path for the rest, whose per-tensor overhead it amortises."""
+    large = [i for i, p in enumerate(params) if p.numel() >= _CPU_SMALL]
+    small = [i for i, p in enumerate(params) if p.numel() < _CPU_SMALL]
+    paths = [(_blocked_autosgm, large), (_multi_tensor_autosgm, small)]
+    return [(path, part) for path, part in paths if part]
 
 
 def _pieces(param: Tensor, grad: Tensor, block: int) -> list[slice | None]:
@@ -988,7 +1006,7 @@ def _blocked_autosgm(
                 w.addcmul_(filtered, step_sizes[index], value=-1.0)
             if w is not p:
                 p.copy_(w)
-    return factor.to(dtype) * per_tensor_numerator.mean()
+    return factor.to(dtype) * per_tensor_numerator
 
 
 def _block_numerator_estimate(

@@ -517,6 +517,7 @@ def test_fast_paths_match_the_reference(monkeypatch, block, kwargs: dict) -> Non
     import hf_optim.autosgm as module
 
     monkeypatch.setattr(module, "_CPU_BLOCK", block)
+    monkeypatch.setattr(module, "_CPU_SMALL", 16)  # the bias (5 elements) takes foreach
     options = {"lr": 1e-2, "beta_n": 0.99, "window": "cosine", "window_steps": 20, **kwargs}
     assert_same_trajectory(
         lambda p: AutoSGM(p, foreach=False, **options),
@@ -532,6 +533,7 @@ def test_fast_paths_handle_bfloat16(monkeypatch, block) -> None:
     import hf_optim.autosgm as module
 
     monkeypatch.setattr(module, "_CPU_BLOCK", block)
+    monkeypatch.setattr(module, "_CPU_SMALL", 1)
     results = []
     for foreach in (False, True):
         params = clone(make_params(dtype=torch.bfloat16))
@@ -540,3 +542,26 @@ def test_fast_paths_handle_bfloat16(monkeypatch, block) -> None:
     for a, b in zip(*results, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        "test_foreach_matches_single_tensor_reference",
+        "test_parameter_without_gradient_is_left_alone",
+        "test_resume_is_bitwise",
+        "test_step_makes_no_host_sync",
+    ],
+)
+def test_cpu_blocked_path_passes_the_battery(monkeypatch, check: str) -> None:
+    """The battery's parameters are small, so its foreach runs take the foreach path; rerun its
+    key checks with every tensor on the cache-blocked CPU path, in blocks that split them."""
+    import test_conformance as battery
+    from cases.autosgm import CASES
+
+    import hf_optim.autosgm as module
+
+    monkeypatch.setattr(module, "_CPU_BLOCK", 4)
+    monkeypatch.setattr(module, "_CPU_SMALL", 1)
+    for case in CASES:
+        getattr(battery, check)(case)
