@@ -95,8 +95,9 @@ Differences from the upstream code, and why:
 
 Three paths compute the same update (the tests hold them equal in float64):
 ``_single_tensor_autosgm``, the readable reference (``foreach=False``);
-``_multi_tensor_autosgm``, ``torch._foreach_*`` ops, used off CPU and under ``torch.compile``;
-``_blocked_autosgm``, the CPU default, which sweeps each tensor in cache-sized blocks with
+``_multi_tensor_autosgm``, ``torch._foreach_*`` ops, used off CPU, under ``torch.compile`` and
+for small tensors on CPU; ``_blocked_autosgm``, the CPU default for larger tensors, which sweeps
+each tensor in cache-sized blocks with
 preallocated scratch buffers (the numerators of ``num_lrc`` 3 and 4 take ~30 elementwise
 operations; in cache and without temporaries they cost about a third of what they cost as whole-
 tensor passes).
