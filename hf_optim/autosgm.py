@@ -513,6 +513,10 @@ class AutoSGM(HFOptimizer):
         # the group now holds every default; store the canonical values
         self.param_groups[-1].update(normalized)
 
+    def init(self) -> None:
+        """Accepted for code written for upstream, whose ``init()`` pre-created the state.
+        State here is created lazily at a parameter's first step, so this does nothing."""
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every floating state tensor to its parameter's dtype; this optimizer keeps
         # float32 (or wider) state for low-precision parameters, so restore the saved dtypes

@@ -400,6 +400,9 @@ def test_param_groups_accept_tuples_and_keywords() -> None:
         optimizer.add_param_group({"params": [torch.zeros(1)], "beta_i": 2.0})
     with pytest.raises(ValueError, match="debug"):
         AutoSGM(make_params(), debug=True)
+    # upstream's init() pre-created the state; here state stays lazy
+    optimizer.init()
+    assert len(optimizer.state) == 0
 
 
 def test_every_group_has_lr_and_weight_decay_read_each_step() -> None:
