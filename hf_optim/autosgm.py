@@ -844,10 +844,12 @@ _CPU_SMALL = 1 << 13
 
 
 def _use_blocks(params: list[Tensor]) -> bool:
+    # plain CPU tensors only: tensor subclasses (DTensor shards) keep the foreach path
     return (
         _CPU_BLOCK is not None
         and params[0].device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and all(type(p) in (Tensor, torch.nn.Parameter) for p in params)
     )
 
 
