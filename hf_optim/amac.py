@@ -67,9 +67,11 @@ is drawn from a generator freshly seeded with a 64-bit mix of ``(seed, j, i, t)`
 is a pure function of state that is already saved (``seed`` and ``step`` are Python ints in the
 group), a resumed run continues the same noise sequence, replicas with the same seed draw the
 same noise, and ``state_dict()`` holds no generator state at all (weights_only loads and CUDA
-need nothing special). Seeding a generator is a host-side operation: no synchronisation, and
-torch.compile traces it without a graph break. The generators themselves are a per-device
-cache, not state. Noise is added to the normalised update, so in parameter space it scales with
+need nothing special). Seeding a generator is a host-side operation (no synchronisation). The
+generators themselves are a per-device cache, not state. torch.compile cannot trace a seeded
+generator, so under compilation the draw is one opaque custom op (``hf_optim::amac_noise``)
+and the step still compiles without a graph break (the step count and seeds are Python ints, so
+a compiled step is specialised on them). Noise is added to the normalised update, so in parameter space it scales with
 :math:`\gamma_t` and vanishes with ``lr=0``: a step with ``lr=0`` from a fresh state (what
 torch.distributed.checkpoint runs to initialise state) leaves the parameters unchanged.
 
@@ -727,40 +729,55 @@ def _multi_tensor_amac(
     lookahead_alpha: float | None,
     swa_weights: list[float] | None,
 ) -> None:
-    if centralize:
-        grads = [_centralized(grad) for grad in grads]
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    # Centralized gradients are fresh buffers; they are reused for the denominators, and
+    # those for the steps (each saves allocating, and on CPU first touching, a full copy).
+    centred = [_centralized(grad) for grad in grads] if centralize else grads
+    torch._foreach_lerp_(exp_avgs, centred, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    del grads
-
-    # Fewer passes over memory: the steps are built already scaled by lr / (1 - momentum),
-    # so that the velocity update is a single lerp; bias correction 2 moves into eps.
-    scale = lr / (1.0 - momentum)
+    torch._foreach_addcmul_(exp_avg_sqs, centred, centred, 1.0 - beta2)
+    denoms = [
+        torch.sqrt(exp_avg_sq, out=buffer) if buffer is not grad else torch.sqrt(exp_avg_sq)
+        for exp_avg_sq, buffer, grad in zip(exp_avg_sqs, centred, grads, strict=True)
+    ]
+    del centred
+    # sqrt(v / bc2) + eps = (sqrt(v) + eps sqrt(bc2)) / sqrt(bc2): bc2 folds into the step size
     correction2 = math.sqrt(bias_correction2)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denoms, eps * correction2)
-    adam_scale = scale * correction2 / bias_correction1
-    if noise_std > 0:
-        steps = gaussian_noise(params, noise_seeds, noise_std * scale)
-        torch._foreach_addcdiv_(steps, exp_avgs, denoms, adam_scale)
-    else:
-        steps = torch._foreach_div(exp_avgs, denoms)
-        torch._foreach_mul_(steps, adam_scale)
-    del denoms
-    if clip_value is not None:
-        bound = clip_value * scale
-        for step in steps:
-            step.clamp_(-bound, bound)
-
+    step_size = lr * correction2 / bias_correction1
     if decay != 1.0:
         torch._foreach_mul_(params, decay)
-    if momentum_buffers is None:
-        torch._foreach_sub_(params, steps)
+
+    if noise_std == 0 and clip_value is None:
+        # nothing acts on the step itself: update straight from the moments (AdamW's passes)
+        if momentum_buffers is None:
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, -step_size)
+        else:
+            torch._foreach_mul_(momentum_buffers, momentum)
+            torch._foreach_addcdiv_(momentum_buffers, exp_avgs, denoms, step_size)
+            torch._foreach_sub_(params, momentum_buffers)
     else:
-        torch._foreach_lerp_(momentum_buffers, steps, 1.0 - momentum)
-        torch._foreach_sub_(params, momentum_buffers)
-    del steps
+        # Steps are built already scaled by lr / (1 - momentum), so that the velocity update
+        # u = momentum u + lr delta is a single lerp.
+        scale = lr / (1.0 - momentum)
+        if noise_std > 0:
+            steps = gaussian_noise(params, noise_seeds, noise_std * scale)
+            torch._foreach_addcdiv_(steps, exp_avgs, denoms, step_size / (1.0 - momentum))
+        else:
+            steps = denoms  # fresh buffers: overwrite them with the steps
+            for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
+                torch.div(exp_avg, buffer, out=buffer)
+            torch._foreach_mul_(steps, step_size / (1.0 - momentum))
+        if clip_value is not None:
+            bound = clip_value * scale
+            for step in steps:
+                step.clamp_(-bound, bound)
+        if momentum_buffers is None:
+            torch._foreach_sub_(params, steps)
+        else:
+            torch._foreach_lerp_(momentum_buffers, steps, 1.0 - momentum)
+            torch._foreach_sub_(params, momentum_buffers)
+        del steps
+    del denoms
 
     if lookahead_alpha is not None and slow_weights is not None:
         torch._foreach_lerp_(slow_weights, params, lookahead_alpha)
