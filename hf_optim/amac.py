@@ -70,8 +70,9 @@ same noise, and ``state_dict()`` holds no generator state at all (weights_only l
 need nothing special). Seeding a generator is a host-side operation (no synchronisation). The
 generators themselves are a per-device cache, not state. torch.compile cannot trace a seeded
 generator, so under compilation the draw is one opaque custom op (``hf_optim::amac_noise``)
-and the step still compiles without a graph break (the step count and seeds are Python ints, so
-a compiled step is specialised on them). Noise is added to the normalised update, so in parameter space it scales with
+and a step traces without a graph break. The step count and seeds are Python ints, so a
+compiled step specialises on them: compiling ``step()`` across steps is not a supported mode
+(see docs/amac.md); the step is meant to run eagerly. Noise is added to the normalised update, so in parameter space it scales with
 :math:`\gamma_t` and vanishes with ``lr=0``: a step with ``lr=0`` from a fresh state (what
 torch.distributed.checkpoint runs to initialise state) leaves the parameters unchanged.
 
