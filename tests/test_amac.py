@@ -385,13 +385,15 @@ def test_clipping_bounds_the_normalised_update() -> None:
 
 
 # -- SWA and the train/eval swap ----------------------------------------------------------
-def test_swa_is_a_uniform_average_of_every_group() -> None:
+@pytest.mark.parametrize("foreach", [False, True])
+def test_swa_is_a_uniform_average_of_every_group(foreach: bool) -> None:
     params = make_params()
     optimizer = AMaC(
         [{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}],
         **{**BASE, "swa": True},
         lookahead_k=3,
         swa_start=5,
+        foreach=foreach,
     )
     samples: list[list[torch.Tensor]] = []
     for step in range(1, 17):
@@ -479,3 +481,40 @@ def test_statistics_report_the_live_schedule() -> None:
     for key in ("effective_lr", "noise_std", "weight_decay_coefficient", "swa_count"):
         assert f"{key}/group_0" in statistics
     assert statistics["swa_count/group_0"] == 3.0  # steps 3, 6, 9
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"noise_factor": 0.3, "clip_value": None},
+        {"noise_factor": 0.0, "clip_value": 0.2},
+        {"noise_factor": 0.0, "clip_value": 0.2, "centralize_gradients": False},
+        {"noise_factor": 0.3, "clip_value": 0.2, "momentum": 0.0, "lookahead": False},
+    ],
+    ids=["noise-no-clip", "clip-no-noise", "clip-no-centralization", "no-momentum"],
+)
+def test_every_multi_tensor_branch_matches_the_reference(options: dict) -> None:
+    """The battery's cases cover noise with clipping and neither; these cover the rest."""
+    runs = []
+    for foreach in (False, True):
+        params = make_params()
+        kwargs = {"total_steps": 12, "lr": 1e-2, "warmup_steps": 2, "lookahead_k": 3}
+        optimizer = AMaC(params, **kwargs, **options, foreach=foreach)
+        run(optimizer, params, 9)
+        runs.append((params, optimizer))
+    (ref_params, ref), (fast_params, fast) = runs
+    for p, q in zip(ref_params, fast_params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+        for key, value in ref.state[p].items():
+            torch.testing.assert_close(fast.state[q][key], value, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(ref_params[0], make_params()[0])
+
+
+def test_train_in_train_mode_touches_nothing() -> None:
+    optimizer, params = trained()
+    versions = [p._version for p in params]
+    state_keys = [set(optimizer.state[p]) for p in params]
+    for _ in range(3):
+        optimizer.train()
+    assert [p._version for p in params] == versions  # no in-place write to any parameter
+    assert [set(optimizer.state[p]) for p in params] == state_keys
