@@ -68,13 +68,18 @@ is a pure function of state that is already saved (``seed`` and ``step`` are Pyt
 group), a resumed run continues the same noise sequence, replicas with the same seed draw the
 same noise, and ``state_dict()`` holds no generator state at all (weights_only loads and CUDA
 need nothing special). Seeding a generator is a host-side operation (no synchronisation). The
-generators themselves are a per-device cache, not state. torch.compile cannot trace a seeded
-generator, so under compilation the draw is one opaque custom op (``hf_optim::amac_noise``)
-and a step traces without a graph break. The step count and seeds are Python ints, so a
-compiled step specialises on them: compiling ``step()`` across steps is not a supported mode
-(see docs/amac.md); the step is meant to run eagerly. Noise is added to the normalised update, so in parameter space it scales with
+generators themselves are a per-device, per-thread cache, not state.
+
+torch.compile cannot trace a seeded generator, so under compilation the draw is one opaque
+custom op (``hf_optim::amac_noise``) and a step traces without a graph break. The step count and
+seeds are Python ints, so a compiled step specialises on them: compiling ``step()`` across
+steps is not a supported mode (see docs/amac.md); the step is meant to run eagerly.
+
+Noise is added to the normalised update, so in parameter space it scales with
 :math:`\gamma_t` and vanishes with ``lr=0``: a step with ``lr=0`` from a fresh state (what
-torch.distributed.checkpoint runs to initialise state) leaves the parameters unchanged.
+torch.distributed.checkpoint runs to initialise state) leaves the parameters unchanged. (A
+velocity built up earlier still coasts at ``lr=0``, and a Lookahead synchronisation still
+moves the fast weights to the slow ones.)
 
 Differences from upstream (and why)
 -----------------------------------
@@ -130,6 +135,7 @@ Batch-norm statistics need recomputing after SWA weights are written
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -289,16 +295,21 @@ def noise_seed(seed: int, group_index: int, param_index: int, step: int) -> int:
     return mixed >> 1
 
 
-# One generator per device, reseeded before every draw: a cache that carries no state.
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+# One generator per device and thread, reseeded before every draw: a cache that carries no
+# state (the noise is a function of the seeds alone), private to each thread so that optimizers
+# stepping in parallel threads cannot interleave a seeding and a draw.
+_CACHE = threading.local()
 
 
 def _draw_noise(likes: list[Tensor], seeds: list[int], std: float) -> list[Tensor]:
+    generators: dict[torch.device, torch.Generator] | None = getattr(_CACHE, "generators", None)
+    if generators is None:
+        generators = _CACHE.generators = {}
     noises = []
     for like, seed in zip(likes, seeds, strict=True):
-        generator = _GENERATORS.get(like.device)
+        generator = generators.get(like.device)
         if generator is None:
-            generator = _GENERATORS.setdefault(like.device, torch.Generator(device=like.device))
+            generator = generators[like.device] = torch.Generator(device=like.device)
         generator.manual_seed(seed)
         noises.append(
             torch.normal(
