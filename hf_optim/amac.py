@@ -223,7 +223,6 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
 
 # upstream name -> readable name (beta1/beta2 fold into betas; alpha is converted)
 _ALIASES = {"mu": "momentum", "wd": "weight_decay", "k": "lookahead_k", "alpha": "lookahead_alpha"}
-_UPSTREAM_ALPHA_CHECK = lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True)  # noqa: E731
 
 
 def _resolve_aliases(options: dict[str, Any], given: set[str], aliases: dict[str, Any]) -> None:
@@ -240,8 +239,9 @@ def _resolve_aliases(options: dict[str, Any], given: set[str], aliases: dict[str
             betas[0 if alias == "beta1" else 1] = value
             options["betas"] = tuple(betas)
         elif alias == "alpha":
-            _UPSTREAM_ALPHA_CHECK(alias, value)
-            options["lookahead_alpha"] = 1.0 - value  # upstream weighs the slow weights
+            # upstream's alpha weighs the slow weights; alpha = 1 would freeze them
+            check_range(alias, value, 0.0, 1.0, high_open=True)
+            options["lookahead_alpha"] = 1.0 - value
         else:
             _CHECKS[readable](alias, value)
             options[readable] = value
