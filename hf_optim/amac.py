@@ -71,9 +71,9 @@ need nothing special). Seeding a generator is a host-side operation (no synchron
 generators themselves are a per-device, per-thread cache, not state.
 
 torch.compile cannot trace a seeded generator, so under compilation the draw is one opaque
-custom op (``hf_optim::amac_noise``) and a step traces without a graph break. The step count and
-seeds are Python ints, so a compiled step specialises on them: compiling ``step()`` across
-steps is not a supported mode (see docs/amac.md); the step is meant to run eagerly.
+custom op (``hf_optim::amac_scale_and_add_noise_``) and a step traces without a graph break.
+The step count and seeds are Python ints, so a compiled step specialises on them: compiling
+``step()`` across steps is not a supported mode (see docs/amac.md); the step runs eagerly.
 
 Noise is added to the normalised update, so in parameter space it scales with
 :math:`\gamma_t` and vanishes with ``lr=0``: a step with ``lr=0`` from a fresh state (what
@@ -301,41 +301,48 @@ def noise_seed(seed: int, group_index: int, param_index: int, step: int) -> int:
 _CACHE = threading.local()
 
 
-def _draw_noise(likes: list[Tensor], seeds: list[int], std: float) -> list[Tensor]:
+def _scale_and_add_noise(targets: list[Tensor], seeds: list[int], std: float, scale: float) -> None:
     generators: dict[torch.device, torch.Generator] | None = getattr(_CACHE, "generators", None)
     if generators is None:
         generators = _CACHE.generators = {}
-    noises = []
-    for like, seed in zip(likes, seeds, strict=True):
-        generator = generators.get(like.device)
+    # one scratch buffer per step instead of a fresh noise tensor per parameter: on CPU every
+    # freshly allocated page costs a fault, which is as expensive as several passes
+    scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    for target, seed in zip(targets, seeds, strict=True):
+        generator = generators.get(target.device)
         if generator is None:
-            generator = generators[like.device] = torch.Generator(device=like.device)
+            generator = generators[target.device] = torch.Generator(device=target.device)
         generator.manual_seed(seed)
-        noises.append(
-            torch.normal(
-                0.0, std, like.shape, generator=generator, dtype=like.dtype, device=like.device
-            )
-        )
-    return noises
+        key = (target.device, target.dtype)
+        if key not in scratch:
+            size = max(t.numel() for t in targets if (t.device, t.dtype) == key)
+            scratch[key] = torch.empty(size, dtype=target.dtype, device=target.device)
+        noise = scratch[key][: target.numel()].view(target.shape)
+        noise.normal_(0.0, std, generator=generator)  # logical order, whatever the strides
+        torch.add(noise, target, alpha=scale, out=target)
 
 
 # torch.compile cannot trace a seeded torch.Generator, so under compilation the draw is one
 # opaque custom op (no graph break, no host synchronisation); eager calls skip its dispatch.
-@torch.library.custom_op("hf_optim::amac_noise", mutates_args=())
-def _amac_noise(likes: list[Tensor], seeds: list[int], std: float) -> list[Tensor]:
-    return _draw_noise(likes, seeds, std)
+@torch.library.custom_op("hf_optim::amac_scale_and_add_noise_", mutates_args=("targets",))
+def _scale_and_add_noise_op(
+    targets: list[Tensor], seeds: list[int], std: float, scale: float
+) -> None:
+    _scale_and_add_noise(targets, seeds, std, scale)
 
 
-@_amac_noise.register_fake
-def _(likes: list[Tensor], seeds: list[int], std: float) -> list[Tensor]:
-    return [torch.empty(like.shape, dtype=like.dtype, device=like.device) for like in likes]
+@_scale_and_add_noise_op.register_fake
+def _(targets: list[Tensor], seeds: list[int], std: float, scale: float) -> None:
+    return None
 
 
-def gaussian_noise(likes: list[Tensor], seeds: list[int], std: float) -> list[Tensor]:
-    """Independent N(0, std^2) tensors shaped like ``likes``, each a pure function of its seed."""
+def scale_and_add_noise_(targets: list[Tensor], seeds: list[int], std: float, scale: float) -> None:
+    """``target = scale * target + N(0, std^2)`` for each target, in place; the noise of each
+    target is a pure function of its seed."""
     if torch.compiler.is_compiling():
-        return _amac_noise(likes, seeds, std)
-    return _draw_noise(likes, seeds, std)
+        _scale_and_add_noise_op(targets, seeds, std, scale)
+    else:
+        _scale_and_add_noise(targets, seeds, std, scale)
 
 
 # -- the optimizer -----------------------------------------------------------------------
@@ -696,7 +703,7 @@ def _single_tensor_amac(
         denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
         direction = (exp_avg / bias_correction1) / denom
         if noise_std > 0:
-            direction = direction + gaussian_noise([param], [noise_seeds[i]], noise_std)[0]
+            scale_and_add_noise_([direction], [noise_seeds[i]], noise_std, 1.0)
         if clip_value is not None:
             direction = direction.clamp(-clip_value, clip_value)
 
@@ -771,13 +778,12 @@ def _multi_tensor_amac(
         # Steps are built already scaled by lr / (1 - momentum), so that the velocity update
         # u = momentum u + lr delta is a single lerp.
         scale = lr / (1.0 - momentum)
+        steps = denoms  # fresh buffers: overwrite them with the steps
+        for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
+            torch.div(exp_avg, buffer, out=buffer)
         if noise_std > 0:
-            steps = gaussian_noise(params, noise_seeds, noise_std * scale)
-            torch._foreach_addcdiv_(steps, exp_avgs, denoms, step_size / (1.0 - momentum))
+            scale_and_add_noise_(steps, noise_seeds, noise_std * scale, step_size / (1 - momentum))
         else:
-            steps = denoms  # fresh buffers: overwrite them with the steps
-            for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
-                torch.div(exp_avg, buffer, out=buffer)
             torch._foreach_mul_(steps, step_size / (1.0 - momentum))
         if clip_value is not None:
             bound = clip_value * scale
