@@ -197,36 +197,14 @@ class CASMO(HFOptimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        check_range("lr", lr, 0.0)
-        check_betas("betas", betas)
-        check_range("eps", eps, 0.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_choice("granularity", granularity, GRANULARITIES)
-        if isinstance(tau_init_steps, bool) or not isinstance(tau_init_steps, int):
-            raise ValueError(f"tau_init_steps must be an integer >= 1, got {tau_init_steps!r}")
-        check_range("tau_init_steps", tau_init_steps, 1)
-        if not isinstance(tau_clip_range, (tuple, list)) or len(tau_clip_range) != 2:
-            raise ValueError(
-                f"tau_clip_range must be a pair (low, high) with 0 <= low <= high <= 1, "
-                f"got {tau_clip_range!r}"
-            )
-        check_range("tau_clip_range[0]", tau_clip_range[0], 0.0, 1.0)
-        check_range("tau_clip_range[1]", tau_clip_range[1], tau_clip_range[0], 1.0)
-        check_range("tau_dead_zone", tau_dead_zone, 0.0, 1.0)
-        check_range("c_min", c_min, 0.0, 1.0)
-        if agar_clamp_factor is not None:
-            check_range("agar_clamp_factor", agar_clamp_factor, 0.0, low_open=True)
-        check_choice("center", center, CENTERS)
-        check_choice("adaptive_c_min", adaptive_c_min, (False, True))
-        check_choice("agar_bias_correction", agar_bias_correction, (False, True))
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             granularity=granularity,
             tau_init_steps=tau_init_steps,
-            tau_clip_range=tuple(tau_clip_range),
+            tau_clip_range=tau_clip_range,
             tau_dead_zone=tau_dead_zone,
             c_min=c_min,
             agar_clamp_factor=agar_clamp_factor,
@@ -235,7 +213,13 @@ class CASMO(HFOptimizer):
             agar_bias_correction=agar_bias_correction,
             foreach=foreach,
         )
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, and a group's own hyperparameters are checked like the constructor's."""
+        _check_hyperparameters({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _init_group(
         self,
@@ -310,6 +294,38 @@ class CASMO(HFOptimizer):
             casmo(params, grads, exp_avgs, exp_avg_sqs, steps, holders, group)
             if group["granularity"] == "parameter":
                 _summarise_parameters(group, params, holders)
+
+
+def _check_hyperparameters(values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter and its valid values."""
+    lr, betas, eps = values["lr"], values["betas"], values["eps"]
+    weight_decay, granularity = values["weight_decay"], values["granularity"]
+    tau_init_steps, tau_clip_range = values["tau_init_steps"], values["tau_clip_range"]
+    tau_dead_zone, c_min = values["tau_dead_zone"], values["c_min"]
+    agar_clamp_factor, center = values["agar_clamp_factor"], values["center"]
+    adaptive_c_min, agar_bias_correction = values["adaptive_c_min"], values["agar_bias_correction"]
+    check_range("lr", lr, 0.0)
+    check_betas("betas", betas)
+    check_range("eps", eps, 0.0)
+    check_range("weight_decay", weight_decay, 0.0)
+    check_choice("granularity", granularity, GRANULARITIES)
+    if isinstance(tau_init_steps, bool) or not isinstance(tau_init_steps, int):
+        raise ValueError(f"tau_init_steps must be an integer >= 1, got {tau_init_steps!r}")
+    check_range("tau_init_steps", tau_init_steps, 1)
+    if not isinstance(tau_clip_range, (tuple, list)) or len(tau_clip_range) != 2:
+        raise ValueError(
+            f"tau_clip_range must be a pair (low, high) with 0 <= low <= high <= 1, "
+            f"got {tau_clip_range!r}"
+        )
+    check_range("tau_clip_range[0]", tau_clip_range[0], 0.0, 1.0)
+    check_range("tau_clip_range[1]", tau_clip_range[1], tau_clip_range[0], 1.0)
+    check_range("tau_dead_zone", tau_dead_zone, 0.0, 1.0)
+    check_range("c_min", c_min, 0.0, 1.0)
+    if agar_clamp_factor is not None:
+        check_range("agar_clamp_factor", agar_clamp_factor, 0.0, low_open=True)
+    check_choice("center", center, CENTERS)
+    check_choice("adaptive_c_min", adaptive_c_min, (False, True))
+    check_choice("agar_bias_correction", agar_bias_correction, (False, True))
 
 
 # -- calibration, DDEA and confidence: 0-d tensor math shared by both paths -----------------

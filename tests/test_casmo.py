@@ -488,3 +488,21 @@ def test_fast_path_matches_reference_on_non_contiguous_and_blocked_tensors(
     torch.testing.assert_close(fast_confidence, ref_confidence, rtol=1e-12, atol=1e-14)
     for p, q in zip(fast, ref, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "override,name",
+    [
+        ({"granularity": "layer"}, "granularity"),
+        ({"c_min": -0.1}, "c_min"),
+        ({"center": 1}, "center"),
+    ],
+)
+def test_param_group_hyperparameters_are_checked(override, name) -> None:
+    first, second = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=name):
+        CASMO([{"params": [first]}, {"params": [second], **override}])
+    optimizer = CASMO([first])
+    with pytest.raises(ValueError, match=name):
+        optimizer.add_param_group({"params": [second], **override})
+    assert len(optimizer.param_groups) == 1
