@@ -120,8 +120,7 @@ CV_HIGH, CV_MEDIUM = 0.5, 0.3
 C_MIN_FOR_HIGH_CV, C_MIN_FOR_MEDIUM_CV, C_MIN_FOR_LOW_CV = 0.1, 0.3, 0.5
 
 # The fast path handles tensors that fit in a block with foreach ops, in batches of about a
-# block; larger tensors (and tensors whose dtype is not the statistics' dtype) go block by
-# block through two reused scratch blocks. On CPU a block stays in cache, so the AGAR terms and
+# block; larger tensors go block by block through two reused scratch blocks. On CPU a block stays in cache, so the AGAR terms and
 # the update cost about one read of m and v each instead of several passes over freshly
 # allocated (page-faulting) full-size temporaries.
 CPU_BLOCK_NUMEL = 1 << 17
@@ -570,20 +569,22 @@ def _blocks(tensors: list[Tensor], block_numel: int) -> list[tuple[Tensor, ...]]
     ]
 
 
-def _partition(
-    tensors: list[Tensor], dtype: torch.dtype, block_numel: int
-) -> tuple[list[list[int]], list[int]]:
-    """Split tensor indices into batches for the foreach ops (tensors of the statistics dtype
-    that fit in a block, packed up to about a block per batch so that a batch stays in cache
-    on CPU) and the rest, which go block by block through scratch buffers."""
+def _partition(tensors: list[Tensor], block_numel: int) -> tuple[list[list[int]], list[int]]:
+    """Split tensor indices into batches for the foreach ops (tensors of one dtype that fit in
+    a block, packed up to about a block per batch so that a batch stays in cache on CPU) and
+    the larger tensors, which go block by block through scratch buffers."""
     batches: list[list[int]] = []
     large: list[int] = []
     batch_numel = 0
     for index, tensor in enumerate(tensors):
-        if tensor.numel() > block_numel or tensor.dtype != dtype:
+        if tensor.numel() > block_numel:
             large.append(index)
             continue
-        if not batches or batch_numel + tensor.numel() > block_numel:
+        if (
+            not batches
+            or batch_numel + tensor.numel() > block_numel
+            or tensors[batches[-1][0]].dtype != tensor.dtype
+        ):
             batches.append([])
             batch_numel = 0
         batches[-1].append(index)
@@ -617,7 +618,7 @@ def _multi_tensor_casmo(
     bias_correction2 = 1 - torch.pow(beta2, step_vector)
 
     block_numel = CPU_BLOCK_NUMEL if device.type == "cpu" else DEVICE_BLOCK_NUMEL
-    batches, large = _partition(exp_avgs, stat_dtype, block_numel)
+    batches, large = _partition(exp_avgs, block_numel)
     blocks = {i: _blocks([exp_avgs[i], exp_avg_sqs[i]], block_numel) for i in large}
     update_blocks = {
         i: _blocks([params[i], exp_avgs[i], exp_avg_sqs[i]], block_numel) for i in large
@@ -646,8 +647,9 @@ def _multi_tensor_casmo(
         abs_m_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         v_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         for batch in batches:
-            abs_m = torch._foreach_norm(pick(exp_avgs, batch), 1)
-            v_sum = torch._foreach_norm(pick(exp_avg_sqs, batch), 1)  # v >= 0: 1-norm == sum
+            abs_m = torch._foreach_norm(pick(exp_avgs, batch), 1, dtype=stat_dtype)
+            # v >= 0: its 1-norm is its sum
+            v_sum = torch._foreach_norm(pick(exp_avg_sqs, batch), 1, dtype=stat_dtype)
             for index, a, b in zip(batch, abs_m, v_sum, strict=True):
                 abs_m_sums[index], v_sums[index] = a, b
         for index in large:
@@ -679,18 +681,19 @@ def _multi_tensor_casmo(
     ratio_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     for batch in batches:
         ms, vs = pick(exp_avgs, batch), pick(exp_avg_sqs, batch)
-        signal = torch._foreach_mul(ms, ms)
+        if ms[0].dtype == stat_dtype:
+            signal = torch._foreach_mul(ms, ms)
+            total_power = torch._foreach_mul(vs, 1.0)  # a copy
+        else:  # narrower moments: the AGAR terms in the statistics dtype
+            signal = [m.to(stat_dtype) for m in ms]
+            torch._foreach_mul_(signal, signal)
+            total_power = [v.to(stat_dtype) for v in vs]
         if group["agar_bias_correction"]:
             torch._foreach_mul_(signal, pick(m_scales_squared, batch))
-            total_power = torch._foreach_mul(vs, pick(v_scales_list, batch))
-            if clamps:
-                torch._foreach_clamp_max_(total_power, pick(v_bounds, batch))
-        elif clamps:
-            total_power = torch._foreach_minimum(vs, pick(v_bounds, batch))
-        else:
-            total_power = torch._foreach_mul(vs, 1.0)
+            torch._foreach_mul_(total_power, pick(v_scales_list, batch))
         if clamps:
             torch._foreach_clamp_max_(signal, pick(m_bounds_squared, batch))
+            torch._foreach_clamp_max_(total_power, pick(v_bounds, batch))
         torch._foreach_sub_(total_power, eps)
         torch._foreach_maximum_(total_power, signal)
         torch._foreach_add_(total_power, 2 * eps)
@@ -739,7 +742,11 @@ def _multi_tensor_casmo(
     inverse_sqrt_bc2 = bias_correction2.rsqrt().to(params[0].device).unbind()
     for batch in batches:
         ps, ms = pick(params, batch), pick(exp_avgs, batch)
-        direction = torch._foreach_sqrt(pick(exp_avg_sqs, batch))
+        if ms[0].dtype == stat_dtype:
+            direction = torch._foreach_sqrt(pick(exp_avg_sqs, batch))
+        else:
+            direction = [v.to(stat_dtype) for v in pick(exp_avg_sqs, batch)]
+            torch._foreach_sqrt_(direction)
         torch._foreach_mul_(direction, pick(inverse_sqrt_bc2, batch))
         torch._foreach_add_(direction, eps)
         direction = torch._foreach_div(ms, direction)
