@@ -568,3 +568,20 @@ def test_cpu_blocked_path_passes_the_battery(monkeypatch, check: str) -> None:
     monkeypatch.setattr(module, "_CPU_SMALL", 1)
     for case in CASES:
         getattr(battery, check)(case)
+
+
+@pytest.mark.parametrize("path", ["reference", "foreach", "cpu-blocks"])
+@pytest.mark.parametrize("num_lrc", [0, 3])
+def test_zero_lr_is_a_true_no_op(monkeypatch, path: str, num_lrc: int) -> None:
+    """A scheduler's warm-up from 0 (or a window at a floor of 0) must not move the weights."""
+    import hf_optim.autosgm as module
+
+    monkeypatch.setattr(module, "_CPU_BLOCK", None if path == "foreach" else 8)
+    monkeypatch.setattr(module, "_CPU_SMALL", 1)
+    params = clone(make_params())
+    before = [p.detach().clone() for p in params]
+    optimizer = AutoSGM(params, lr=0.0, num_lrc=num_lrc, foreach=path != "reference")
+    run(optimizer, params, 3)
+    for p, q in zip(params, before, strict=True):
+        assert torch.equal(p, q)
+    assert float(optimizer.param_groups[0]["lr_effective"]) == 0.0
