@@ -46,9 +46,13 @@ Deviations from momo-opt 0.1.0, and why:
 * The step size is computed on the device (no ``.item()``, no Python comparison of tensors):
   ``step()`` never waits for the device and compiles without graph breaks. A zero norm gives
   :math:`\tau_k = 0` instead of 0/0.
-* :math:`D_k` is computed once per step and reused by the update (upstream computes it twice,
-  with temporaries each time): the bias correction is folded into
-  :math:`\sqrt{v} + \epsilon\sqrt{1-\beta_2^t}` and a scalar.
+* The direction :math:`d_k/D_k` is formed once per step, into one buffer, and reused by the
+  norm and the update (upstream computes :math:`D_k` twice, with temporaries each time). On
+  CPU and CUDA the multi-tensor path forms it with torch's fused Adam kernel, applied with
+  ``lr=1`` to a zero buffer (which also updates :math:`d` and :math:`v` in the same pass):
+  the buffer then holds :math:`-d/((1-\beta_1^t)D)`. Elsewhere, and in the reference loop,
+  the bias correction is folded into :math:`\sqrt{v} + \epsilon\sqrt{1-\beta_2^t}` and a
+  per-parameter scalar.
 * All partial sums of a step are finished by one call of
   :func:`hf_optim._reduce.finish_sums`, the hook for sharded training.
 * The loss may also come from a closure or :meth:`set_loss`, and may be a Python float.
