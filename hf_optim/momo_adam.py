@@ -56,6 +56,7 @@ Deviations from momo-opt 0.1.0, and why:
 * All partial sums of a step are finished by one call of
   :func:`hf_optim._reduce.finish_sums`, the hook for sharded training.
 * The loss may also come from a closure or :meth:`set_loss`, and may be a Python float.
+* ``weight_decay`` must be ``>= 0`` (upstream does not check it) and the flags must be bools.
 """
 
 from __future__ import annotations
