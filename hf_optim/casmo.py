@@ -258,28 +258,6 @@ class CASMO(HFOptimizer):
             group.update(_new_calibration_state(group, first.device, steps[0].dtype))
         return bool(params)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, except that per-tensor calibration state ('parameter' mode) keeps its
-        float32-or-wider dtype: torch casts every floating state entry but ``step`` to the
-        parameter's dtype, which would round a bfloat16 model's calibration window."""
-        saved_state = state_dict["state"]
-        calibration = {
-            index: {k: v for k, v in entries.items() if k in CALIBRATION_KEYS}
-            for index, entries in saved_state.items()
-        }
-        moments_only = {
-            index: {k: v for k, v in entries.items() if k not in CALIBRATION_KEYS}
-            for index, entries in saved_state.items()
-        }
-        super().load_state_dict({**state_dict, "state": moments_only})
-        saved_indices = (i for g in state_dict["param_groups"] for i in g["params"])
-        params = (p for g in self.param_groups for p in g["params"])
-        for index, p in zip(saved_indices, params, strict=False):
-            for key, value in calibration.get(index, {}).items():
-                self.state[p][key] = value.to(
-                    device=p.device, dtype=accumulation_dtype(p.dtype), copy=True
-                )
-
     def _step(self, loss: Any) -> None:
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -105,22 +105,6 @@ def _group_sums(dots: list[Tensor], grad_dot_ws: list[Tensor], norms: Tensor | l
     return torch.stack([(torch.stack(dots) - gamma).sum(), gamma.sum(), norms.sum()])
 
 
-def _restore_wide_state(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple) -> None:
-    """Undo torch's cast of every floating state entry to the parameter dtype for ``keys``
-    (statistics kept in float32 or wider), and copy the loaded state so that later in-place
-    updates never write into the caller's ``state_dict``."""
-    saved_state = state_dict["state"]
-    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
-        for param_id, p in zip(saved_group["params"], group["params"], strict=True):
-            if p not in optimizer.state:
-                continue
-            state = optimizer.state[p]
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    saved = saved_state[param_id][key] if key in keys else value
-                    state[key] = saved.to(device=value.device, copy=True)
-
-
 def _global_statistics(
     groups: list[dict[str, Any]],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -242,10 +226,6 @@ class Momo(HFOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _restore_wide_state(self, state_dict, ("grad_dot_w",))
 
     def _init_group(
         self,

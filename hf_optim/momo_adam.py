@@ -76,7 +76,6 @@ from .momo import (
     _group_sums,
     _inner,
     _polyak_step_sizes,
-    _restore_wide_state,
     _statistics_dtype,
     _store_global_statistics,
 )
@@ -138,10 +137,6 @@ class MomoAdam(HFOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _restore_wide_state(self, state_dict, ("grad_dot_w",))
 
     def _init_group(self, group: dict[str, Any], lists: tuple[list[Tensor], ...]) -> None:
         params, grads, grad_avgs, grad_avg_sqs, grad_dot_ws, steps = lists
