@@ -115,6 +115,23 @@ def _global_statistics(
     return None, None, None
 
 
+def _begin_step(
+    optimizer: HFOptimizer, groups: list[dict[str, Any]], first: Tensor, loss: Any
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """The global quantities Momo and MomoAdam share at the start of a step:
+    (this step's count, the loss as a tensor, the previous loss average or None, fstar)."""
+    previous_step, loss_avg, fstar = _global_statistics(groups)
+    if previous_step is None:
+        dtype, device = _statistics_dtype(groups), first.device
+        previous_step = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        dtype, device = loss_avg.dtype, loss_avg.device
+    if fstar is None:
+        fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
+    loss = optimizer._loss_tensor(loss, fstar).to(dtype)
+    return previous_step + 1, loss, loss_avg, fstar
+
+
 def _statistics_dtype(groups: list[dict[str, Any]]) -> torch.dtype:
     wide = any(p.dtype == torch.float64 for group in groups for p in group["params"])
     return torch.float64 if wide else torch.float32
@@ -266,16 +283,8 @@ class Momo(HFOptimizer):
         if first is None:
             return  # no gradients anywhere: nothing to do, no state to advance
 
-        previous_step, loss_avg, fstar = _global_statistics(groups)
-        if previous_step is None:
-            dtype, device = _statistics_dtype(groups), first.device
-            previous_step = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            dtype, device = loss_avg.dtype, loss_avg.device
-        if fstar is None:
-            fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
-        step = previous_step + 1
-        loss = self._loss_tensor(loss, fstar).to(dtype)
+        step, loss, loss_avg, fstar = _begin_step(self, groups, first, loss)
+        dtype, device = loss.dtype, loss.device
         # the loss average is global: it uses the last group's beta (upstream MomoAdam's rule)
         average_beta = groups[-1]["beta"]
         if loss_avg is None:
