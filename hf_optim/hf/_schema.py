@@ -202,12 +202,21 @@ def _convert_by_example(text: str, example: Any) -> Any:
     if isinstance(example, bool):
         return _to_bool(text)
     if isinstance(example, int):
-        return int(text)
+        # An unannotated ``0`` default (``weight_decay=0``) still takes ``0.01``.
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
     if isinstance(example, float):
         return float(text)
     if isinstance(example, (tuple, list)):
-        first = example[0] if example else None
-        return tuple(_convert_by_example(item, first) for item in text.split(":"))
+        items = text.split(":")
+        if example and len(items) != len(example):
+            raise ValueError(f"expected {len(example)} values separated by ':', got {text!r}")
+        return tuple(
+            _convert_by_example(item, example[i] if example else None)
+            for i, item in enumerate(items)
+        )
     if isinstance(example, str):
         return text
     for convert in (int, float):
