@@ -1,0 +1,201 @@
+"""Trainer runs through optim=: progress, bitwise resume, loss plumbing, schedules, clipping
+warnings, statistics, averaged weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+from hf_common import (
+    NAMES,
+    ToyLM,
+    parameters_vector,
+    tiny_gpt2,
+    train_losses,
+    training_kwargs,
+)
+
+import hf_optim
+
+transformers = pytest.importorskip("transformers")
+from transformers import TrainingArguments  # noqa: E402
+
+STOCK = transformers.Trainer
+
+
+def _trainer(cls, name, output_dir, dataset=None, model=None, **overrides):
+    args = TrainingArguments(**training_kwargs(name, str(output_dir), **overrides))
+    return cls(model=model or tiny_gpt2(), args=args, train_dataset=dataset or ToyLM(8))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stock_trainer_one_word_change(name, tmp_path):
+    """optim=name with the stock Trainer: finite, decreasing loss; statistics in the logs."""
+    trainer = _trainer(STOCK, name, tmp_path)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    optimizer = hf_optim.hf.unwrap_optimizer(trainer.optimizer)
+    assert type(optimizer) is hf_optim.get_optimizer_class(name)
+    assert [len(g["params"]) for g in optimizer.param_groups][1] > 0  # decay / no-decay groups
+    statistics = optimizer.statistics()
+    if statistics:
+        logged = trainer.state.log_history[0]
+        assert {f"optim/{key}" for key in statistics} <= set(logged)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bitwise(name, tmp_path):
+    """hf_optim.Trainer: a run resumed from checkpoint-3 ends bitwise equal to the
+    uninterrupted run; without optimizer.pt it does not; optimizer.pt is weights_only-safe."""
+    full = _trainer(hf_optim.Trainer, name, tmp_path / "a", save_strategy="steps", save_steps=3)
+    full.train()
+    reference = parameters_vector(full.model)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert state["state"], "optimizer.pt holds per-parameter state"
+
+    resumed = _trainer(hf_optim.Trainer, name, tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(parameters_vector(resumed.model), reference)
+
+    control_checkpoint = tmp_path / "control-3"
+    shutil.copytree(checkpoint, control_checkpoint)
+    (control_checkpoint / "optimizer.pt").unlink()
+    control = _trainer(hf_optim.Trainer, name, tmp_path / "c")
+    control.train(resume_from_checkpoint=str(control_checkpoint))
+    assert not torch.equal(parameters_vector(control.model), reference)
+
+
+class PlainLM(torch.nn.Module):
+    """A model without loss kwargs: the Trainer divides its loss by the accumulation steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_gpt2()
+
+    def forward(self, input_ids, labels=None):
+        return {"loss": self.inner(input_ids=input_ids, labels=labels).loss}
+
+
+@pytest.fixture
+def fed_losses(monkeypatch):
+    """Record the loss every Momo/MomoAdam update receives."""
+    received: list[float] = []
+    for name in ("momo", "momo_adam"):
+        cls = hf_optim.get_optimizer_class(name)
+        original = cls._step
+
+        def spy(self, loss, _original=original):
+            received.append(float(loss))
+            return _original(self, loss)
+
+        monkeypatch.setattr(cls, "_step", spy)
+    return received
+
+
+@pytest.mark.parametrize("trainer_cls", [STOCK, hf_optim.Trainer], ids=["hook", "mixin"])
+@pytest.mark.parametrize("plain", [False, True], ids=["loss_kwargs", "plain_module"])
+def test_momo_gets_the_logged_loss_with_accumulation(trainer_cls, plain, fed_losses, tmp_path):
+    model = PlainLM() if plain else tiny_gpt2()
+    trainer = _trainer(
+        trainer_cls,
+        "momo",
+        tmp_path,
+        dataset=ToyLM(32),
+        model=model,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+    )
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs is not plain
+    assert len(fed_losses) == 4
+    assert fed_losses == train_losses(trainer)
+
+
+def test_skipped_step_leaves_no_loss_behind(fed_losses, monkeypatch, tmp_path):
+    """A step the mixed-precision scaler skips (the inner step never runs) must not leak its
+    loss into the next window."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    original = AcceleratedOptimizer.step
+    calls = {"n": 0}
+
+    def skipping_step(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return None  # what GradScaler does on inf/NaN gradients
+        return original(self, closure)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", skipping_step)
+    trainer = _trainer(
+        hf_optim.Trainer,
+        "momo",
+        tmp_path,
+        dataset=ToyLM(32),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+    )
+    trainer.train()
+    logged = train_losses(trainer)
+    assert fed_losses == logged[:1] + logged[2:]
+
+
+def test_stock_trainer_refuses_momo_when_the_hook_cannot_see_the_loss(tmp_path):
+    trainer = _trainer(STOCK, "momo", tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(RuntimeError, match="hf_optim.Trainer"):
+        trainer.train()
+    # The mixin feeds the smoothed loss the Trainer backpropagates instead.
+    trainer = _trainer(hf_optim.Trainer, "momo", tmp_path, label_smoothing_factor=0.1)
+    trainer.train()
+    assert all(math.isfinite(x) for x in train_losses(trainer))
+
+
+@pytest.mark.parametrize("name", ["amac", "autosgm"])
+def test_schedule_rule(name, tmp_path, caplog, monkeypatch):
+    """An optimizer that owns its schedule keeps it and learns the run's total steps; the
+    Trainer's scheduler becomes constant (logged). schedule=trainer reverses the rule."""
+    cls = hf_optim.get_optimizer_class(name)
+    told: list[int] = []
+    original = cls.set_total_steps
+    monkeypatch.setattr(
+        cls, "set_total_steps", lambda self, n: (told.append(n), original(self, n))[1]
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_optim.hf"):
+        trainer = _trainer(hf_optim.Trainer, name, tmp_path, lr_scheduler_type="linear")
+        trainer.train()
+    assert told == [6]
+    assert "replaced by a constant one" in caplog.text
+    assert len({entry["learning_rate"] for entry in trainer.state.log_history[:6]}) == 1
+
+    caplog.clear()
+    optim_args = ",".join(
+        filter(None, [training_kwargs(name, "")["optim_args"], "schedule=trainer"])
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_optim.hf"):
+        trainer = _trainer(STOCK, name, tmp_path, lr_scheduler_type="linear", optim_args=optim_args)
+        trainer.train()
+    assert "switched off" in caplog.text
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history[:6]]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
+    optimizer = hf_optim.hf.unwrap_optimizer(trainer.optimizer)
+    for key, value in hf_optim.get_optimizer_info(name).schedule_off:
+        assert optimizer.param_groups[0].get(key, optimizer.defaults.get(key)) == value
+
+
+@pytest.mark.parametrize("name", ["amac", "momo", "momo_adam", "autosgm"])
+def test_gradient_clipping_warning(name, tmp_path):
+    trainer = _trainer(STOCK, name, tmp_path, max_grad_norm=1.0, max_steps=1)
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0"):
+        trainer.train()
+
+
+def test_no_clipping_warning_when_clipping_is_off(tmp_path, recwarn):
+    _trainer(STOCK, "amac", tmp_path, max_steps=1).train()
+    assert not [w for w in recwarn if "max_grad_norm" in str(w.message)]
