@@ -83,6 +83,6 @@ class LossFeeder:
 
     def reset(self) -> None:
         """Forget a partial window and any loss not yet consumed (e.g. after a skipped step)."""
-        self._sum, self._count = None, 0
+        self._sum, self._count, self._calls = None, 0, 0
         if self.needs_loss:
             self.optimizer.clear_loss()
