@@ -173,6 +173,8 @@ args = torch.load({str(out / "checkpoint-4" / "training_args.bin")!r}, weights_o
 fresh = TrainingArguments(output_dir="x", optim="momo")
 (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
     ["--output_dir", "x", "--optim", "autosgm"])
+from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+assert all(name in _OPTIMIZER_HANDLERS for name in hf_optim.OPTIMIZERS)
 print(json.dumps([args.optim.value, args.optim_args, fresh.optim.value, parsed.optim.value]))
 """
     second = subprocess.run(

@@ -201,3 +201,45 @@ def test_gradient_clipping_warning(name, tmp_path):
 def test_no_clipping_warning_when_clipping_is_off(tmp_path, recwarn):
     _trainer(STOCK, "amac", tmp_path, max_steps=1).train()
     assert not [w for w in recwarn if "max_grad_norm" in str(w.message)]
+
+
+def test_amac_averaged_weights_for_eval_and_save(tmp_path):
+    """Evaluation runs on AMaC's averaged weights, save_model and every checkpoint export them
+    (averaged_weights=true), and training resumes on the training weights."""
+    from safetensors.torch import load_file
+
+    optim_args = ",".join(
+        filter(None, [training_kwargs("amac", "")["optim_args"], "averaged_weights=true"])
+    )
+    trainer = _trainer(
+        hf_optim.Trainer,
+        "amac",
+        tmp_path / "run",
+        optim_args=optim_args,
+        save_strategy="steps",
+        save_steps=6,
+    )
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    averaged = load_file(checkpoint / "averaged" / "model.safetensors")
+    trained = load_file(checkpoint / "model.safetensors")
+    assert averaged.keys() == trained.keys()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)
+    training_weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    assert all(torch.equal(training_weights[k], trained[k]) for k in trained)
+
+    seen = {}
+
+    def record(module, args):
+        seen.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    handle = trainer.model.register_forward_pre_hook(record)
+    trainer.evaluate(eval_dataset=ToyLM(8))
+    handle.remove()
+    assert all(torch.equal(seen[k], averaged[k]) for k in averaged)
+
+    trainer.save_model(str(tmp_path / "final"))
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(final[k], averaged[k]) for k in averaged)
+    hf_optim.hf.unwrap_optimizer(trainer.optimizer).train()
+    assert all(torch.equal(trainer.model.state_dict()[k], training_weights[k]) for k in trained)
