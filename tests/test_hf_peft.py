@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hf_common import LEARNING_RATES, NAMES, ToyLM, tiny_gpt2, train_losses, training_kwargs
+from hf_common import NAMES, ToyLM, tiny_gpt2, train_losses, training_kwargs
 
 import hf_optim
 
@@ -52,10 +52,12 @@ def test_lora_with_optim_name(name, tmp_path):
 def test_loraplus_with_hf_optim_classes(name, tmp_path):
     model = lora_model()
     before = _snapshot(model)
-    cls = hf_optim.get_optimizer_class(name)
-    optimizer = create_loraplus_optimizer(
-        model, cls, lr=LEARNING_RATES[name], loraplus_lr_ratio=4.0
+    cls, kwargs = hf_optim.hf.optimizer_cls_and_kwargs(
+        TrainingArguments(**training_kwargs(name, str(tmp_path)))
     )
+    assert cls is hf_optim.get_optimizer_class(name)
+    lr = kwargs.pop("lr")
+    optimizer = create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=4.0, **kwargs)
     assert isinstance(optimizer, cls) and len(optimizer.param_groups) == 4
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert lrs[2] == 4.0 * lrs[0]

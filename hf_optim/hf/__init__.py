@@ -26,6 +26,7 @@ _EXPORTS = {
     "ForwardLossCapture": "_build",
     "build_optimizer": "_build",
     "optimizer_kwargs": "_build",
+    "optimizer_cls_and_kwargs": "_build",
     "unwrap_optimizer": "_build",
     "OptimArgsError": "_schema",
     "parse_optim_args": "_schema",

@@ -39,6 +39,7 @@ __all__ = [
     "build_optimizer",
     "configure_for_trainer",
     "mean_over_ranks",
+    "optimizer_cls_and_kwargs",
     "optimizer_kwargs",
     "optimizer_name",
     "stock_trainer_handler",
@@ -100,6 +101,22 @@ def optimizer_kwargs(name: str, args: Any) -> tuple[dict[str, Any], dict[str, An
                 )
         kwargs.update(switches)
     return kwargs, glue
+
+
+def optimizer_cls_and_kwargs(args: Any) -> tuple[type, dict[str, Any]]:
+    """``(class, constructor kwargs)`` for ``args.optim``, e.g. for
+    ``Trainer(optimizer_cls_and_kwargs=...)`` or ``peft``'s ``create_loraplus_optimizer``.
+
+    (``Trainer.get_optimizer_cls_and_kwargs`` returns a factory for hf-optim names, because the
+    stock Trainer path needs the model and the Trainer.)
+    """
+    name = optimizer_name(args)
+    if name is None:
+        raise ValueError(
+            f"args.optim={getattr(args, 'optim', None)!r} is not an hf-optim optimizer; "
+            f"valid names: {', '.join(OPTIMIZERS)}"
+        )
+    return get_optimizer_info(name).load(), optimizer_kwargs(name, args)[0]
 
 
 def _decay_parameter_names(model: nn.Module, trainer: Any) -> set[str]:
