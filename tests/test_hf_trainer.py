@@ -55,6 +55,8 @@ def test_resume_is_bitwise(name, tmp_path):
     full = _trainer(hf_optim.Trainer, name, tmp_path / "a", save_strategy="steps", save_steps=3)
     full.train()
     reference = parameters_vector(full.model)
+    statistics = hf_optim.hf.unwrap_optimizer(full.optimizer).statistics()
+    assert {f"optim/{key}" for key in statistics} <= set(full.state.log_history[0])
     checkpoint = tmp_path / "a" / "checkpoint-3"
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert state["state"], "optimizer.pt holds per-parameter state"
