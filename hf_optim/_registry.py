@@ -37,6 +37,9 @@ class OptimizerInfo:
     clipping_note: str = ""
     #: keeps averaged weights that ``train()``/``eval()`` swap in and out (SWA, Lookahead)
     has_averaged_weights: bool = False
+    #: the constructor argument that takes the run's length in optimizer steps (the Hugging
+    #: Face glue fills it from the Trainer's ``max_steps`` unless the user gives it)
+    total_steps_argument: str | None = None
 
     def load(self) -> type:
         module_name, _, class_name = self.class_path.rpartition(".")
@@ -64,7 +67,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             description="low-pass-filter momentum with an iteration-dependent learning-rate numerator",
             owns_schedule=True,
             hf_arguments=("learning_rate", "weight_decay", "adam_epsilon"),
-            schedule_off=(("window_steps", 0),),
+            schedule_off=(("window", "none"),),
+            total_steps_argument="window_steps",
             clipping_note="AutoSGM's iteration-dependent step size is computed from the raw "
             "gradient statistics, which clipping rescales step by step.",
         ),
@@ -73,7 +77,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             class_path="hf_optim.amac.AMaC",
             description="Adam with warm-up/cosine, centralization, noise, clipping, Lookahead and SWA",
             owns_schedule=True,
-            schedule_off=(("warmup_steps", 0),),
+            schedule_off=(("schedule", False),),
+            total_steps_argument="total_steps",
             clipping_note="AMaC already clips its normalised update internally (clip_value); "
             "clipping the gradient first applies a second, different clip.",
             has_averaged_weights=True,

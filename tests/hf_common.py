@@ -19,7 +19,7 @@ SEQ = 16
 OPTIM_ARGS: dict[str, str] = {
     "casmo": "tau_init_steps=2",
     "autosgm": "",
-    "amac": "",
+    "amac": "warmup_steps=1",
     "momo": "",
     "momo_adam": "",
 }

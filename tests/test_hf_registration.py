@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_optim
 from hf_optim import OPTIMIZERS
@@ -200,16 +201,28 @@ def _format(value):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_schema_round_trips_every_default(name):
-    """Every constructor argument with a command-line type parses back to its default."""
-    specs = argument_specs(hf_optim.get_optimizer_class(name))
+    """Every hyperparameter, written on a command line as its effective default, parses back to
+    the same value and type, and building the optimizer from those strings changes nothing."""
+    cls = hf_optim.get_optimizer_class(name)
+    specs = argument_specs(cls)
     assert specs and "params" not in specs
-    checked = 0
-    for key, spec in specs.items():
-        if isinstance(spec.default, (bool, int, float, str, tuple)) and spec.default != ():
-            parsed, _ = parse_optim_args(name, f"{key}={_format(spec.default)}")
-            assert parsed[key] == spec.default and type(parsed[key]) is type(spec.default), key
-            checked += 1
-    assert checked >= 3
+    reference = cls(torch.nn.Linear(2, 2).parameters())
+    pairs = {
+        key: value
+        for key, value in reference.defaults.items()
+        if key in specs and isinstance(value, (bool, int, float, str, tuple, type(None)))
+    }
+    assert len(pairs) >= 4
+    text = ",".join(f"{key}={_format(value)}" for key, value in pairs.items())
+    parsed, glue = parse_optim_args(name, text)
+    assert glue == {}
+    for key, value in pairs.items():
+        if value == "none" and parsed[key] is None:  # ``none`` reads as None for ``str | None``
+            continue
+        assert parsed[key] == value, key
+        assert isinstance(parsed[key], (bool, str, tuple)) == isinstance(value, (bool, str, tuple))
+    rebuilt = cls(torch.nn.Linear(2, 2).parameters(), **parsed)
+    assert rebuilt.defaults == reference.defaults
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -248,11 +261,14 @@ def test_schema_types_and_syntax():
 
 
 def test_glue_options_only_where_they_apply():
-    assert parse_optim_args("amac", "schedule=trainer")[1] == {"schedule": "trainer"}
+    assert parse_optim_args("amac", "schedule_owner=trainer")[1] == {"schedule_owner": "trainer"}
+    assert parse_optim_args("amac", "save_averaged=yes")[1] == {"save_averaged": True}
     with pytest.raises(OptimArgsError, match="expected one of"):
-        parse_optim_args("amac", "schedule=both")
-    with pytest.raises(OptimArgsError, match="unknown optim_args key 'schedule'"):
-        parse_optim_args("casmo", "schedule=trainer")
+        parse_optim_args("autosgm", "schedule_owner=both")
+    with pytest.raises(OptimArgsError, match="unknown optim_args key 'schedule_owner'"):
+        parse_optim_args("casmo", "schedule_owner=trainer")
+    with pytest.raises(OptimArgsError, match="unknown optim_args key 'save_averaged'"):
+        parse_optim_args("momo", "save_averaged=true")
 
 
 def test_training_arguments_mapping(tmp_path):

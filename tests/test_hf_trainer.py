@@ -161,36 +161,59 @@ def test_stock_trainer_refuses_momo_when_the_hook_cannot_see_the_loss(tmp_path):
     assert all(math.isfinite(x) for x in train_losses(trainer))
 
 
-@pytest.mark.parametrize("name", ["amac", "autosgm"])
-def test_schedule_rule(name, tmp_path, caplog, monkeypatch):
-    """An optimizer that owns its schedule keeps it and learns the run's total steps; the
-    Trainer's scheduler becomes constant (logged). schedule=trainer reverses the rule."""
-    cls = hf_optim.get_optimizer_class(name)
-    told: list[int] = []
-    original = cls.set_total_steps
-    monkeypatch.setattr(
-        cls, "set_total_steps", lambda self, n: (told.append(n), original(self, n))[1]
-    )
+def _joined(*parts: str | None) -> str:
+    return ",".join(part for part in parts if part)
+
+
+@pytest.mark.parametrize(
+    ("name", "own_schedule", "trainer_schedule"),
+    [("amac", "", "schedule_owner=trainer"), ("autosgm", "window=cosine", "")],
+)
+def test_schedule_rule(name, own_schedule, trainer_schedule, tmp_path, caplog):
+    """An optimizer running its own schedule learns the run's total steps and the Trainer's
+    scheduler becomes constant (logged); with its schedule off the Trainer's scheduler drives."""
+    info = hf_optim.get_optimizer_info(name)
+    base_args = training_kwargs(name, "")["optim_args"]
     with caplog.at_level(logging.WARNING, logger="hf_optim.hf"):
-        trainer = _trainer(hf_optim.Trainer, name, tmp_path, lr_scheduler_type="linear")
+        trainer = _trainer(
+            hf_optim.Trainer,
+            name,
+            tmp_path,
+            lr_scheduler_type="linear",
+            optim_args=_joined(base_args, own_schedule),
+        )
         trainer.train()
-    assert told == [6]
+    optimizer = hf_optim.hf.unwrap_optimizer(trainer.optimizer)
+    assert optimizer.defaults[info.total_steps_argument] == 6
     assert "replaced by a constant one" in caplog.text
     assert len({entry["learning_rate"] for entry in trainer.state.log_history[:6]}) == 1
 
     caplog.clear()
-    optim_args = ",".join(
-        filter(None, [training_kwargs(name, "")["optim_args"], "schedule=trainer"])
-    )
     with caplog.at_level(logging.WARNING, logger="hf_optim.hf"):
-        trainer = _trainer(STOCK, name, tmp_path, lr_scheduler_type="linear", optim_args=optim_args)
+        trainer = _trainer(
+            STOCK,
+            name,
+            tmp_path,
+            lr_scheduler_type="linear",
+            optim_args=_joined(base_args, trainer_schedule) or None,
+        )
         trainer.train()
-    assert "switched off" in caplog.text
+    assert "the Trainer's 'linear' scheduler drives" in caplog.text
     rates = [entry["learning_rate"] for entry in trainer.state.log_history[:6]]
     assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
     optimizer = hf_optim.hf.unwrap_optimizer(trainer.optimizer)
-    for key, value in hf_optim.get_optimizer_info(name).schedule_off:
-        assert optimizer.param_groups[0].get(key, optimizer.defaults.get(key)) == value
+    for key, value in info.schedule_off:
+        assert all(group[key] == value for group in optimizer.param_groups)
+
+
+def test_schedule_owner_contradiction(tmp_path):
+    args = TrainingArguments(
+        **training_kwargs(
+            "autosgm", str(tmp_path), optim_args="window=cosine,schedule_owner=trainer"
+        )
+    )
+    with pytest.raises(hf_optim.hf.OptimArgsError, match="contradicts window='cosine'"):
+        hf_optim.hf.optimizer_kwargs("autosgm", args)
 
 
 @pytest.mark.parametrize("name", ["amac", "momo", "momo_adam", "autosgm"])
@@ -207,12 +230,10 @@ def test_no_clipping_warning_when_clipping_is_off(tmp_path, recwarn):
 
 def test_amac_averaged_weights_for_eval_and_save(tmp_path):
     """Evaluation runs on AMaC's averaged weights, save_model and every checkpoint export them
-    (averaged_weights=true), and training resumes on the training weights."""
+    (save_averaged=true), and training resumes on the training weights."""
     from safetensors.torch import load_file
 
-    optim_args = ",".join(
-        filter(None, [training_kwargs("amac", "")["optim_args"], "averaged_weights=true"])
-    )
+    optim_args = _joined(training_kwargs("amac", "")["optim_args"], "save_averaged=true")
     trainer = _trainer(
         hf_optim.Trainer,
         "amac",

@@ -6,11 +6,12 @@ Shared by the stock-Trainer handler (``optim="casmo"`` with ``transformers.Train
 * arguments: registry ``hf_arguments`` mapped from ``TrainingArguments``, then ``optim_args``
   (typed, see :mod:`hf_optim.hf._schema`), which win;
 * parameter groups: the Trainer's own decay / no-decay split;
-* schedules: an optimizer that owns its learning-rate schedule (AMaC's warm-up and cosine,
-  AutoSGM's window) keeps it by default and is told the run's total optimizer steps; the
-  Trainer's scheduler is then made constant so that the two never multiply. ``optim_args``
-  ``schedule=trainer`` does the opposite: the optimizer's own schedule is switched off and the
-  Trainer's scheduler drives. The choice is logged;
+* schedules: an optimizer that owns a learning-rate schedule (AMaC's warm-up and cosine,
+  AutoSGM's window) is told the run's total optimizer steps (its ``total_steps_argument``,
+  unless the user gives it). While its own schedule is active it drives the learning rate and
+  the Trainer's scheduler is made constant, so the two never multiply; ``optim_args``
+  ``schedule_owner=trainer`` does the opposite: the optimizer's own schedule is switched off
+  (its ``schedule_off`` arguments) and the Trainer's scheduler drives. The choice is logged;
 * gradient clipping: a warning when ``max_grad_norm > 0`` distorts the optimizer's statistics;
 * loss: a loss-aware optimizer on the stock Trainer gets the loss from a forward hook
   (:class:`ForwardLossCapture`); :class:`~hf_optim.hf.OptimizerTrainerMixin` feeds it from
@@ -83,27 +84,35 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value.detach()
 
 
-def optimizer_kwargs(name: str, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(constructor kwargs, glue options) for ``name`` from a ``TrainingArguments``."""
+def optimizer_kwargs(
+    name: str, args: Any, max_steps: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(constructor kwargs, glue options) for ``name`` from a ``TrainingArguments``.
+
+    ``max_steps``, the run's length in optimizer steps when known, fills the registry's
+    ``total_steps_argument`` unless ``optim_args`` gives it.
+    """
     info = get_optimizer_info(name)
     kwargs = training_arguments_kwargs(name, args)
     explicit, glue = parse_optim_args(name, getattr(args, "optim_args", None))
     kwargs.update(explicit)
-    if glue.get("schedule") == "trainer":
-        switches = dict(getattr(info, "schedule_off", ()))
-        if not switches:
-            raise OptimArgsError(f"{name} has no way to switch its own schedule off")
-        for key, value in switches.items():
+    if glue.get("schedule_owner") == "trainer":
+        for key, value in info.schedule_off:
             if key in explicit and explicit[key] != value:
                 raise OptimArgsError(
-                    f"optim_args schedule=trainer switches {name}'s own schedule off "
+                    f"optim_args schedule_owner=trainer switches {name}'s own schedule off "
                     f"({key}={value!r}), which contradicts {key}={explicit[key]!r}"
                 )
-        kwargs.update(switches)
+            kwargs[key] = value
+    target = info.total_steps_argument
+    if target is not None and target not in explicit and max_steps is not None and max_steps > 0:
+        kwargs[target] = int(max_steps)
     return kwargs, glue
 
 
-def optimizer_cls_and_kwargs(args: Any) -> tuple[type, dict[str, Any]]:
+def optimizer_cls_and_kwargs(
+    args: Any, max_steps: int | None = None
+) -> tuple[type, dict[str, Any]]:
     """``(class, constructor kwargs)`` for ``args.optim``, e.g. for
     ``Trainer(optimizer_cls_and_kwargs=...)`` or ``peft``'s ``create_loraplus_optimizer``.
 
@@ -116,7 +125,7 @@ def optimizer_cls_and_kwargs(args: Any) -> tuple[type, dict[str, Any]]:
             f"args.optim={getattr(args, 'optim', None)!r} is not an hf-optim optimizer; "
             f"valid names: {', '.join(OPTIMIZERS)}"
         )
-    return get_optimizer_info(name).load(), optimizer_kwargs(name, args)[0]
+    return get_optimizer_info(name).load(), optimizer_kwargs(name, args, max_steps)[0]
 
 
 def _decay_parameter_names(model: nn.Module, trainer: Any) -> set[str]:
@@ -142,11 +151,11 @@ def build_optimizer(
     name: str, args: Any, model: nn.Module, trainer: Any = None, params: Any = None
 ) -> tuple[HFOptimizer, dict[str, Any]]:
     """Instantiate optimizer ``name`` for ``model``; returns (optimizer, glue options)."""
-    kwargs, glue = optimizer_kwargs(name, args)
+    max_steps = getattr(getattr(trainer, "state", None), "max_steps", None)
+    kwargs, glue = optimizer_kwargs(name, args, max_steps)
     if params is None:
         params = default_param_groups(model, args, trainer)
-    optimizer = get_optimizer_info(name).load()(params, **kwargs)
-    return optimizer, {**glue, "_explicit": set(kwargs)}
+    return get_optimizer_info(name).load()(params, **kwargs), glue
 
 
 # -- the Trainer that is running us ------------------------------------------------------------
@@ -193,44 +202,44 @@ def configure_for_trainer(
 
     glue = dict(glue or {})
     inner = unwrap_optimizer(optimizer)
-    decided: dict[str, Any] = {"schedule": None}
+    decided: dict[str, Any] = {"schedule_owner": None, "replace_scheduler": False}
     if not isinstance(inner, HFOptimizer):
         return decided
     info = _info_for(inner)
     args = trainer.args
     label = info.name if info is not None else type(inner).__name__
-    max_steps = getattr(trainer.state, "max_steps", 0) or 0
-    explicit = glue.get("_explicit", set())
+    max_steps = int(getattr(trainer.state, "max_steps", 0) or 0)
 
     if info is not None and info.owns_schedule:
-        mode = glue.get("schedule", "optimizer")
-        decided["schedule"] = mode
-        if mode == "optimizer":
-            if (
-                hasattr(inner, "set_total_steps")
-                and max_steps > 0
-                and "total_steps" not in explicit
-            ):
-                inner.set_total_steps(int(max_steps))
-            replaced = not _scheduler_is_constant(args)
+        target = info.total_steps_argument
+        if (
+            max_steps > 0
+            and hasattr(inner, "set_total_steps")
+            and (target is None or inner.defaults.get(target) is None)
+        ):
+            inner.set_total_steps(max_steps)  # an optimizer the user built without a length
+        scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        if _own_schedule_active(inner, info):
+            decided["schedule_owner"] = "optimizer"
+            decided["replace_scheduler"] = not _scheduler_is_constant(args)
             logger.warning(
-                "hf-optim: %s runs its own learning-rate schedule over %s optimizer steps; %s "
-                "(optim_args schedule=trainer switches the optimizer's schedule off instead).",
+                "hf-optim: %s runs its own learning-rate schedule (%s); %s. optim_args "
+                "schedule_owner=trainer switches it off and lets the Trainer's scheduler drive.",
                 label,
-                max_steps,
-                f"the Trainer's '{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}'"
-                " scheduler (and its warm-up) is replaced by a constant one so the two do not "
-                "multiply"
-                if replaced
+                ", ".join(f"{k}={inner.defaults.get(k)!r}" for k in _schedule_keys(info)),
+                f"the Trainer's '{scheduler}' scheduler (and its warm-up) is replaced by a "
+                "constant one so that the two do not multiply"
+                if decided["replace_scheduler"]
                 else "the Trainer's scheduler is constant",
             )
-            decided["replace_scheduler"] = replaced
         else:
+            decided["schedule_owner"] = "trainer"
             logger.warning(
-                "hf-optim: %s's own schedule is switched off (schedule=trainer); the Trainer's "
-                "'%s' scheduler drives the learning rate.",
+                "hf-optim: %s's own learning-rate schedule is off (%s); the Trainer's '%s' "
+                "scheduler drives the learning rate.",
                 label,
-                getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+                ", ".join(f"{k}={v!r}" for k, v in info.schedule_off),
+                scheduler,
             )
     note = getattr(info, "clipping_note", "") if info is not None else ""
     if note and (getattr(args, "max_grad_norm", 0) or 0) > 0:
@@ -248,8 +257,28 @@ def configure_for_trainer(
     callbacks = trainer.callback_handler.callbacks
     if not any(isinstance(cb, OptimizerStatsCallback) for cb in callbacks):
         # First, so that reporting integrations (TensorBoard, console) see the statistics.
-        callbacks.insert(0, OptimizerStatsCallback(averaged_weights=glue.get("averaged_weights")))
+        callbacks.insert(0, OptimizerStatsCallback(save_averaged=glue.get("save_averaged")))
     return decided
+
+
+def _schedule_keys(info: OptimizerInfo) -> list[str]:
+    keys = [key for key, _ in info.schedule_off]
+    if info.total_steps_argument:
+        keys.append(info.total_steps_argument)
+    return keys
+
+
+def _own_schedule_active(optimizer: HFOptimizer, info: OptimizerInfo) -> bool:
+    """Whether any group runs the optimizer's own schedule (not every ``schedule_off`` setting
+    in place)."""
+    if not info.schedule_off:
+        return True
+    return any(
+        any(
+            group.get(key, optimizer.defaults.get(key)) != value for key, value in info.schedule_off
+        )
+        for group in optimizer.param_groups
+    )
 
 
 def _info_for(optimizer: HFOptimizer) -> OptimizerInfo | None:

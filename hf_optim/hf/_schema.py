@@ -36,14 +36,14 @@ __all__ = [
 ]
 
 #: Options read by the Hugging Face glue itself (not constructor arguments):
-#: ``schedule``: ``optimizer`` (the optimizer's own warm-up/cosine/window drives the learning
-#: rate and the Trainer's scheduler is made constant) or ``trainer`` (the optimizer's own
-#: schedule is switched off and the Trainer's scheduler drives); only for optimizers that own
-#: a schedule. ``averaged_weights``: save the averaged weights (AMaC's SWA/Lookahead) with
-#: ``Trainer.save_model`` and beside every checkpoint.
+#: ``schedule_owner``: ``optimizer`` (default: the optimizer's own warm-up/cosine/window drives
+#: the learning rate and the Trainer's scheduler is made constant) or ``trainer`` (the
+#: optimizer's own schedule is switched off and the Trainer's scheduler drives); only for
+#: optimizers that own a schedule. ``save_averaged``: ``Trainer.save_model`` writes the averaged
+#: weights (AMaC's SWA/Lookahead), and every checkpoint gets an ``averaged/`` copy.
 GLUE_OPTIONS: dict[str, tuple[str, ...] | type] = {
-    "schedule": ("optimizer", "trainer"),
-    "averaged_weights": bool,
+    "schedule_owner": ("optimizer", "trainer"),
+    "save_averaged": bool,
 }
 
 #: Constructor arguments the glue never takes from ``optim_args``: ``params`` is built by the
@@ -263,9 +263,9 @@ def _valid_keys_message(info: OptimizerInfo, specs: Mapping[str, ArgumentSpec]) 
 
 
 def _glue_option_applies(info: OptimizerInfo, name: str) -> bool:
-    if name == "schedule":
+    if name == "schedule_owner":
         return info.owns_schedule
-    if name == "averaged_weights":
+    if name == "save_averaged":
         return bool(getattr(info, "has_averaged_weights", False))
     return True
 

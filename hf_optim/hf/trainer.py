@@ -11,7 +11,7 @@
   a skipped (fp16 overflow) step leaves nothing behind for the next one;
 * applies the schedule rule of :mod:`hf_optim.hf._build` (a constant Trainer scheduler while
   the optimizer runs its own schedule), warns about gradient clipping, logs the optimizer's
-  live statistics, and saves averaged weights when ``optim_args`` has ``averaged_weights=true``.
+  live statistics, and saves averaged weights when ``optim_args`` has ``save_averaged=true``.
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ class OptimizerStatsCallback(TrainerCallback):
 
     Inserted first in the callback list, so TensorBoard, W&B and the console (which are
     callbacks too) see the statistics; they are also added to ``state.log_history``. With
-    ``averaged_weights=True`` it writes the averaged weights to ``checkpoint-N/averaged`` at
+    ``save_averaged=True`` it writes the averaged weights to ``checkpoint-N/averaged`` at
     every save.
     """
 
-    def __init__(self, averaged_weights: bool | None = False) -> None:
-        self.averaged_weights = bool(averaged_weights)
+    def __init__(self, save_averaged: bool | None = False) -> None:
+        self.save_averaged = bool(save_averaged)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):  # noqa: D401
         inner = unwrap_optimizer(optimizer)
@@ -105,7 +105,7 @@ class OptimizerStatsCallback(TrainerCallback):
             state.log_history[-1].update(statistics)
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not self.averaged_weights or model is None or not state.is_world_process_zero:
+        if not self.save_averaged or model is None or not state.is_world_process_zero:
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(checkpoint):
@@ -165,7 +165,7 @@ class OptimizerTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         glue = getattr(self, "_hf_optim_glue", {})
         inner = unwrap_optimizer(self.optimizer)
-        if _internal_call or not glue.get("averaged_weights") or not _has_averaged_weights(inner):
+        if _internal_call or not glue.get("save_averaged") or not _has_averaged_weights(inner):
             # Checkpoints keep the training weights: resuming needs them (the averages are in
             # optimizer.pt; OptimizerStatsCallback writes them beside the checkpoint).
             return super().save_model(output_dir, _internal_call=_internal_call)
