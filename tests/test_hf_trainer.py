@@ -155,6 +155,13 @@ def test_stock_trainer_refuses_momo_when_the_hook_cannot_see_the_loss(tmp_path):
     trainer = _trainer(STOCK, "momo", tmp_path, label_smoothing_factor=0.1)
     with pytest.raises(RuntimeError, match="hf_optim.Trainer"):
         trainer.train()
+
+    class CustomLoss(STOCK):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return 2 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    with pytest.raises(RuntimeError, match="CustomLoss overrides compute_loss"):
+        _trainer(CustomLoss, "momo", tmp_path).train()
     # The mixin feeds the smoothed loss the Trainer backpropagates instead.
     trainer = _trainer(hf_optim.Trainer, "momo", tmp_path, label_smoothing_factor=0.1)
     trainer.train()
