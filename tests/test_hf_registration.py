@@ -3,6 +3,7 @@ typed optim_args schema."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -131,6 +132,22 @@ def test_fallback_needs_no_registration(unregistered, tmp_path):
         hf_optim.TrainingArguments(output_dir=str(tmp_path), optim="casmo", optim_args="cmin=1")
     stock = hf_optim.TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch")
     assert stock.optim == OptimizerNames.ADAMW_TORCH
+
+    @dataclasses.dataclass
+    class Seq2SeqArgs(hf_optim.hf.OptimNameArgumentsMixin, Seq2SeqTrainingArguments):
+        pass
+
+    seq2seq = Seq2SeqArgs(output_dir=str(tmp_path), optim="amac", predict_with_generate=True)
+    assert seq2seq.optim == "amac" and seq2seq.predict_with_generate
+
+
+def test_lazy_top_level_exports():
+    assert issubclass(hf_optim.Trainer, transformers.Trainer)
+    assert issubclass(hf_optim.Trainer, hf_optim.OptimizerTrainerMixin)
+    assert issubclass(hf_optim.TrainingArguments, TrainingArguments)
+    assert issubclass(hf_optim.OptimizerStatsCallback, transformers.TrainerCallback)
+    assert hf_optim.LossFeeder is hf_optim.hf.LossFeeder
+    assert hf_optim.register_hf_optimizers is hf_optim.hf.register_hf_optimizers
 
 
 # -- import order and fresh processes ------------------------------------------------------------
