@@ -17,7 +17,15 @@ import tempfile
 
 import torch
 import transformers  # noqa: E402  (after hf_optim on purpose: the import hook registers)
-from hf_common import NAMES, ToyLM, parameters_vector, tiny_gpt2, train_losses, training_kwargs
+from hf_common import (
+    NAMES,
+    ToyLM,
+    freeze_import_heap,
+    parameters_vector,
+    tiny_gpt2,
+    train_losses,
+    training_kwargs,
+)
 from transformers import TrainingArguments  # noqa: E402
 
 import hf_optim
@@ -63,6 +71,7 @@ def run(name: str, trainer_cls: type, output_dir: str) -> dict:
 
 
 def main(out_dir: str) -> None:
+    freeze_import_heap()
     _spy_on_loss()
     rank = int(os.environ["RANK"])
     results = {}

@@ -12,6 +12,7 @@ import torch
 from hf_common import (
     NAMES,
     ToyLM,
+    freeze_import_heap,
     parameters_vector,
     tiny_gpt2,
     train_losses,
@@ -22,6 +23,8 @@ import hf_optim
 
 transformers = pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
+
+freeze_import_heap()
 
 STOCK = transformers.Trainer
 
