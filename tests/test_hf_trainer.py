@@ -196,7 +196,13 @@ def test_schedule_rule(name, own_schedule, trainer_schedule, tmp_path, caplog):
     optimizer = hf_optim.hf.unwrap_optimizer(trainer.optimizer)
     assert optimizer.defaults[info.total_steps_argument] == 6
     assert "replaced by a constant one" in caplog.text
-    assert len({entry["learning_rate"] for entry in trainer.state.log_history[:6]}) == 1
+    logs = trainer.state.log_history[:6]
+    assert len({entry["learning_rate"] for entry in logs}) == 1
+    # ... while the optimizer's own schedule moves its effective learning rate.
+    effective = {"amac": "optim/effective_lr/group_0", "autosgm": "optim/lr_effective/group_0"}[
+        name
+    ]
+    assert len({entry[effective] for entry in logs}) > 1
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_optim.hf"):
