@@ -140,6 +140,14 @@ def test_fallback_needs_no_registration(unregistered, tmp_path):
     seq2seq = Seq2SeqArgs(output_dir=str(tmp_path), optim="amac", predict_with_generate=True)
     assert seq2seq.optim == "amac" and seq2seq.predict_with_generate
 
+    from hf_common import ToyLM, tiny_gpt2, train_losses, training_kwargs
+
+    args = hf_optim.TrainingArguments(**training_kwargs("momo", str(tmp_path), max_steps=2))
+    trainer = hf_optim.Trainer(model=tiny_gpt2(), args=args, train_dataset=ToyLM(8))
+    trainer.train()
+    assert type(hf_optim.hf.unwrap_optimizer(trainer.optimizer)) is hf_optim.Momo
+    assert len(train_losses(trainer)) == 2
+
 
 def test_lazy_top_level_exports():
     assert issubclass(hf_optim.Trainer, transformers.Trainer)
