@@ -31,7 +31,7 @@ class OptimizerInfo:
     owns_schedule: bool = False
     hf_arguments: tuple[str, ...] = field(default=("learning_rate", "weight_decay"))
     #: constructor arguments that switch the optimizer's own learning-rate schedule off (used
-    #: by the Hugging Face glue for ``optim_args`` ``schedule=trainer``)
+    #: by the Hugging Face glue for ``optim_args`` ``schedule_owner=trainer``)
     schedule_off: tuple[tuple[str, object], ...] = ()
     #: why the Trainer's gradient clipping (``max_grad_norm``) distorts this optimizer
     clipping_note: str = ""
