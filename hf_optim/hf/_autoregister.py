@@ -64,15 +64,20 @@ def _run(name: str, module: ModuleType) -> None:
 
 
 class _RegisteringLoader(importlib.abc.Loader):
-    def __init__(self, loader: Any, name: str) -> None:
+    def __init__(self, loader: Any, name: str, finder: _RegisteringFinder) -> None:
         self._loader = loader
         self._name = name
+        self._finder = finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
+        # Only now is the module really imported (a bare find_spec() must not use us up).
+        self._finder.pending.discard(self._name)
+        if not self._finder.pending:
+            _remove_finder(self._finder)
         _run(self._name, module)
 
     def __getattr__(self, attribute: str) -> Any:  # get_source, get_code, is_package, ...
@@ -86,16 +91,13 @@ class _RegisteringFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in self.pending:
             return None
-        self.pending.discard(fullname)
-        if not self.pending:
-            _remove_finder(self)
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _RegisteringLoader(spec.loader, fullname)
+                    spec.loader = _RegisteringLoader(spec.loader, fullname, self)
                 return spec
         return None
 
