@@ -10,6 +10,7 @@ import gc
 import os
 from typing import Any
 
+import pytest
 import torch
 
 VOCAB = 96
@@ -111,3 +112,12 @@ def freeze_import_heap() -> None:
     ``free_memory``), which otherwise walks that whole heap, ~0.4 s per run."""
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_import_heap():
+    """:func:`freeze_import_heap` for the tests of one module only (imported into a test module,
+    pytest uses it there)."""
+    freeze_import_heap()
+    yield
+    gc.unfreeze()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hf_common import NAMES, ToyLM, freeze_import_heap, tiny_gpt2, train_losses, training_kwargs
+from hf_common import NAMES, ToyLM, frozen_import_heap, tiny_gpt2, train_losses, training_kwargs  # noqa: F401
 
 import hf_optim
 
@@ -14,8 +14,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft.optimizers import create_loraplus_optimizer  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
-
-freeze_import_heap()
 
 
 def lora_model() -> peft.PeftModel:

@@ -12,7 +12,7 @@ import torch
 from hf_common import (
     NAMES,
     ToyLM,
-    freeze_import_heap,
+    frozen_import_heap,  # noqa: F401 - autouse fixture
     parameters_vector,
     tiny_gpt2,
     train_losses,
@@ -23,8 +23,6 @@ import hf_optim
 
 transformers = pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
-
-freeze_import_heap()
 
 STOCK = transformers.Trainer
 
