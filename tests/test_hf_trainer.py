@@ -282,3 +282,29 @@ def test_amac_averaged_weights_for_eval_and_save(tmp_path):
     assert all(torch.equal(final[k], averaged[k]) for k in averaged)
     hf_optim.hf.unwrap_optimizer(trainer.optimizer).train()
     assert all(torch.equal(trainer.model.state_dict()[k], training_weights[k]) for k in trained)
+
+
+def test_forward_loss_capture_outside_a_trainer():
+    """The hook alone (no Trainer found) sums a window over Accelerate's sync flag."""
+    from types import SimpleNamespace
+
+    from accelerate.state import GradientState
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = hf_optim.Momo(model.parameters())
+    args = SimpleNamespace(gradient_accumulation_steps=2, average_tokens_across_devices=False)
+    capture = hf_optim.hf.ForwardLossCapture(optimizer, args)
+    state = GradientState()
+    try:
+        for losses, expected in (([2.0, 4.0], 3.0), ([1.0, 5.0], 3.0)):
+            state._set_sync_gradients(False)
+            capture(model, (), {}, {"loss": torch.tensor(losses[0])})
+            assert optimizer._pending_loss is None
+            state._set_sync_gradients(True)
+            capture(model, (), {}, {"loss": torch.tensor(losses[1])})
+            assert float(optimizer._pending_loss) == expected
+            optimizer.clear_loss()
+        capture(model, (), {"num_items_in_batch": 8}, {"loss": torch.tensor(1.5)})
+        assert float(optimizer._pending_loss) == 1.5  # already normalised over the window
+    finally:
+        state._set_sync_gradients(True)

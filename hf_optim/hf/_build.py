@@ -335,7 +335,8 @@ class ForwardLossCapture:
                 f"none (labels missing or consumed outside the model). {USE_HF_OPTIM_TRAINER}"
             )
         step = self.trainer.state.global_step if self.trainer is not None else None
-        if step != self.window_step or self.window_step is None:
+        if self.window is None or step != self.window_step:
+            # A new window: drop whatever a skipped step (or a stale window) left behind.
             self.window, self.window_step = None, step
             self.optimizer.clear_loss()
         loss = loss.detach()
