@@ -42,7 +42,11 @@ def test_raw_accelerate_loop(name, accelerator, monkeypatch):
     monkeypatch.setattr(cls, "_step", spy)
 
     model = tiny_gpt2()
-    optimizer = cls(model.parameters(), lr=LEARNING_RATES[name])
+    windows = MICRO_BATCHES // ACCUMULATION
+    length = hf_optim.get_optimizer_info(name).total_steps_argument  # a raw loop passes it
+    optimizer = cls(
+        model.parameters(), lr=LEARNING_RATES[name], **({length: windows} if length else {})
+    )
     loader = torch.utils.data.DataLoader(ToyLM(4 * MICRO_BATCHES), batch_size=4)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     assert isinstance(optimizer, AcceleratedOptimizer)
@@ -63,7 +67,6 @@ def test_raw_accelerate_loop(name, accelerator, monkeypatch):
         if handed is not None:
             window_means.append(float(handed))
 
-    windows = MICRO_BATCHES // ACCUMULATION
     assert len(received) == windows  # one update per accumulation window
     assert all(math.isfinite(x) for x in micro_losses)
     if cls.needs_loss:
