@@ -308,3 +308,25 @@ def test_forward_loss_capture_outside_a_trainer():
         assert float(optimizer._pending_loss) == 1.5  # already normalised over the window
     finally:
         state._set_sync_gradients(True)
+
+
+def test_amac_evaluation_before_a_checkpoint_keeps_resume_bitwise(tmp_path):
+    """Evaluating (averaged weights swapped in) right before a checkpoint is saved must neither
+    change the training trajectory nor break an exact resume."""
+    evaluated = dict(eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3)
+    plain = _trainer(hf_optim.Trainer, "amac", tmp_path / "plain")
+    plain.train()
+    args = TrainingArguments(**training_kwargs("amac", str(tmp_path / "a"), **evaluated))
+    full = hf_optim.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=ToyLM(8), eval_dataset=ToyLM(8)
+    )
+    full.train()
+    assert any("eval_loss" in entry for entry in full.state.log_history)
+    # The last evaluation (step 6) left the averaged weights in the model, as the Trainer's
+    # train()/eval() convention does; train() swaps the training weights back.
+    hf_optim.hf.unwrap_optimizer(full.optimizer).train()
+    reference = parameters_vector(full.model)
+    assert torch.equal(reference, parameters_vector(plain.model))
+    resumed = _trainer(hf_optim.Trainer, "amac", tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert torch.equal(parameters_vector(resumed.model), reference)
