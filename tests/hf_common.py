@@ -121,3 +121,13 @@ def frozen_import_heap():
     freeze_import_heap()
     yield
     gc.unfreeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their
+    synchronisation makes each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hf_common import LEARNING_RATES, NAMES, ToyLM, tiny_gpt2
+from hf_common import LEARNING_RATES, NAMES, ToyLM, one_thread, tiny_gpt2  # noqa: F401
 
 import hf_optim
 

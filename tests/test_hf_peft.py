@@ -6,7 +6,15 @@ import math
 
 import pytest
 import torch
-from hf_common import NAMES, ToyLM, frozen_import_heap, tiny_gpt2, train_losses, training_kwargs  # noqa: F401
+from hf_common import (  # noqa: F401 - frozen_import_heap, one_thread: autouse fixtures
+    NAMES,
+    ToyLM,
+    frozen_import_heap,
+    one_thread,
+    tiny_gpt2,
+    train_losses,
+    training_kwargs,
+)
 
 import hf_optim
 

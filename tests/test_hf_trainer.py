@@ -13,6 +13,7 @@ from hf_common import (
     NAMES,
     ToyLM,
     frozen_import_heap,  # noqa: F401 - autouse fixture
+    one_thread,  # noqa: F401 - autouse fixture
     parameters_vector,
     tiny_gpt2,
     train_losses,
