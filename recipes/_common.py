@@ -67,6 +67,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 #: ``optim`` names of hf-optim, from its registry (the stock transformers names are not checked)
 HF_OPTIM_NAMES = frozenset(hf_optim.OPTIMIZERS)
+#: hf-optim optimizers whose update needs no statistic across FSDP shards (warned, not refused)
+FSDP_TOLERANT = frozenset({"amac"})
 
 
 @dataclass
@@ -381,11 +383,14 @@ def check_backend(training_args: TrainingArguments, run_args: RunArguments | Non
       become statistics of the flat partition; AMaC's gradient centralization sees 1-D
       tensors and does nothing).
 
-    FSDP shards every tensor across ranks, and hf-optim does not yet all-reduce the partial
-    sums of its cross-element statistics (``hf_optim._reduce.finish_sums``) over the shard
-    group: each rank would apply different confidences / step sizes to its own shard, which
-    is not the algorithm. Refused for every hf-optim optimizer unless
-    ``--allow_sharded_statistics`` turns the error into a warning.
+    FSDP shards every tensor across ranks. CASMO, Momo, MomoAdam and AutoSGM build statistics
+    that span tensors or whole tensors from partial sums, and hf-optim does not yet pass a
+    process group to ``hf_optim._reduce.finish_sums`` to all-reduce them over the shard group:
+    each rank would apply confidences / step sizes / learning rates computed from its own shard,
+    which is not the algorithm. Refused unless ``--allow_sharded_statistics`` turns the error
+    into a warning. AMaC only warns: its update is elementwise and its gradient centralization
+    is per output channel, which FSDP2's row sharding keeps whole; with FSDP1's flat 1-D shards
+    the centralization is skipped.
     """
     backend = detect_backend(training_args)
     name = optim_name(training_args)
@@ -415,10 +420,19 @@ def check_backend(training_args: TrainingArguments, run_args: RunArguments | Non
             stacklevel=2,
         )
         return backend
+    if name in FSDP_TOLERANT:
+        warnings.warn(
+            f"optim={name} under FSDP: its update is elementwise and its gradient centralization "
+            "per output channel, which FSDP2's row sharding keeps whole; with FSDP1's flat "
+            "1-D shards the centralization is skipped.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return backend
     message = (
-        f"optim={name} under FSDP: hf-optim does not yet all-reduce its cross-element statistics "
-        "(CASMO AGAR, Momo/MomoAdam inner products, AutoSGM means, AMaC centralization) across "
-        "shards, so every rank would use statistics of its own shard only."
+        f"optim={name} under FSDP: hf-optim does not yet all-reduce the partial sums behind its "
+        "cross-element statistics (CASMO's AGAR, Momo/MomoAdam inner products, AutoSGM's "
+        "means) across shards, so every rank would use statistics of its own shard only."
     )
     if run_args is not None and run_args.allow_sharded_statistics:
         warnings.warn(

