@@ -209,6 +209,7 @@ def generate_responses(
                 **batch,
                 max_new_tokens=data_args.max_new_tokens,
                 do_sample=False,
+                use_cache=True,  # the Trainer may have switched the config's cache off
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
