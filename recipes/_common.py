@@ -202,6 +202,19 @@ def config_to_argv(config: dict[str, Any]) -> list[str]:
     return argv
 
 
+def data_files(path: str) -> str | list[str]:
+    """``path`` itself, or every file in it (sorted) when it is a directory."""
+    folder = Path(path)
+    if folder.is_dir():
+        files = sorted(
+            str(f) for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+        )
+        if not files:
+            raise FileNotFoundError(f"{path} holds no data files")
+        return files
+    return path
+
+
 # --- logging, resuming, metrics -----------------------------------------------------------------
 
 

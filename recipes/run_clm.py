@@ -45,7 +45,8 @@ class DataArguments:
         metadata={"help": "Hub dataset config, e.g. wikitext-2-raw-v1 or wikitext-103-raw-v1."},
     )
     train_file: str | None = field(
-        default=None, metadata={"help": "Local training text file (overrides the hub)."}
+        default=None,
+        metadata={"help": "Local training text file, or a directory of them (overrides the hub)."},
     )
     validation_file: str | None = field(
         default=None, metadata={"help": "Local validation text file."}
@@ -79,11 +80,11 @@ def load_raw_splits(data_args: DataArguments) -> Any:
     from datasets import DatasetDict, load_dataset
 
     if data_args.train_file:
-        files = {"train": data_args.train_file}
+        files = {"train": _common.data_files(data_args.train_file)}
         if data_args.validation_file:
-            files["validation"] = data_args.validation_file
+            files["validation"] = _common.data_files(data_args.validation_file)
         if data_args.test_file:
-            files["test"] = data_args.test_file
+            files["test"] = _common.data_files(data_args.test_file)
         raw = load_dataset("text", data_files=files, keep_linebreaks=True)
         column = "text"
     elif data_args.dataset_name:

@@ -55,7 +55,8 @@ class DataArguments:
         default=None, metadata={"help": "Hub dataset config, e.g. main."}
     )
     train_file: str | None = field(
-        default=None, metadata={"help": "Local .json/.jsonl training records."}
+        default=None,
+        metadata={"help": "Local .json/.jsonl training records (a file or a directory of files)."},
     )
     validation_file: str | None = field(
         default=None, metadata={"help": "Local .json/.jsonl held-out records."}
@@ -118,9 +119,9 @@ def _load_records(data_args: DataArguments, seed: int) -> tuple[list[dict], list
     from datasets import load_dataset
 
     if data_args.train_file:
-        files = {"train": data_args.train_file}
+        files = {"train": _common.data_files(data_args.train_file)}
         if data_args.validation_file:
-            files["validation"] = data_args.validation_file
+            files["validation"] = _common.data_files(data_args.validation_file)
         raw = load_dataset("json", data_files=files)
     elif data_args.dataset_name:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)

@@ -61,9 +61,11 @@ def wikitext_slices(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         .splitlines(keepends=True)
     )
     folder = tmp_path_factory.mktemp("wikitext")
-    (folder / "train.raw").write_text("".join(lines[:300]), encoding="utf-8")
+    (folder / "train").mkdir()  # a directory of training files
+    (folder / "train" / "part-0.raw").write_text("".join(lines[:150]), encoding="utf-8")
+    (folder / "train" / "part-1.raw").write_text("".join(lines[150:300]), encoding="utf-8")
     (folder / "test.raw").write_text("".join(lines[300:400]), encoding="utf-8")
-    return folder / "train.raw", folder / "test.raw"
+    return folder / "train", folder / "test.raw"
 
 
 def _read_metrics(output_dir: Path) -> dict:
