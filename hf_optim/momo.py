@@ -81,8 +81,13 @@ def _check_flag(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _flat(tensor: Tensor) -> Tensor:
+    return tensor.reshape(-1)
+
+
 def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """:math:`\\langle x, y\\rangle` as a 0-d tensor accumulated in ``dtype`` (float32 or wider).
+    """:math:`\\langle x, y\\rangle` of two flat tensors as a 0-d tensor accumulated in ``dtype``
+    (float32 or wider).
 
     One pass, no temporary for float32/float64. bfloat16/float16 inputs are widened first
     (their products are exact in float32); summing them in their own dtype would make the
@@ -90,7 +95,14 @@ def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if x.dtype != dtype:
         x, y = x.to(dtype), y.to(dtype)
-    return torch.dot(x.reshape(-1), y.reshape(-1))
+    return torch.dot(x, y)
+
+
+def _group_sums(dots: list[Tensor], grad_dot_ws: list[Tensor], norms: Tensor | list[Tensor]):
+    """[sum(<d,x> - gamma), sum(gamma), sum(norm)] from per-parameter terms, as vector ops."""
+    gamma = torch.stack(grad_dot_ws)
+    norms = norms if isinstance(norms, Tensor) else torch.stack(norms)
+    return torch.stack([(torch.stack(dots) - gamma).sum(), gamma.sum(), norms.sum()])
 
 
 def _restore_wide_state(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple) -> None:
@@ -257,7 +269,7 @@ class Momo(HFOptimizer):
                     state["grad_dot_w"] = torch.zeros((), dtype=dtype, device=p.device)
                 else:
                     state["grad_avg"] = p.grad.clone(memory_format=torch.preserve_format)
-                    state["grad_dot_w"] = _inner(p, p.grad, dtype)
+                    state["grad_dot_w"] = _inner(_flat(p), _flat(p.grad), dtype)
             params.append(p)
             grads.append(p.grad)
             grad_avgs.append(state["grad_avg"])
@@ -334,10 +346,11 @@ def _single_tensor_momo_sums(
     for p, grad, grad_avg, grad_dot_w in zip(params, grads, grad_avgs, grad_dot_ws, strict=True):
         wide = grad_dot_w.dtype
         grad_avg.lerp_(grad, 1.0 - beta)
-        grad_dot_w.lerp_(_inner(p, grad, wide), 1.0 - beta)
-        dot_minus_gamma.append((_inner(p, grad_avg, wide) - grad_dot_w).to(dtype))
+        flat_p, flat_avg = _flat(p), _flat(grad_avg)
+        grad_dot_w.lerp_(_inner(flat_p, _flat(grad), wide), 1.0 - beta)
+        dot_minus_gamma.append((_inner(flat_p, flat_avg, wide) - grad_dot_w).to(dtype))
         gamma.append(grad_dot_w.to(dtype))
-        norm.append(_inner(grad_avg, grad_avg, wide).to(dtype))
+        norm.append(_inner(flat_avg, flat_avg, wide).to(dtype))
     return torch.stack([torch.stack(column).sum() for column in (dot_minus_gamma, gamma, norm)])
 
 
@@ -363,12 +376,12 @@ def _multi_tensor_momo_sums(
 ) -> Tensor:
     torch._foreach_lerp_(grad_avgs, grads, 1.0 - beta)
     wides = [grad_dot_w.dtype for grad_dot_w in grad_dot_ws]
-    grad_dots = [_inner(p, g, w) for p, g, w in zip(params, grads, wides, strict=True)]
+    flat_params, flat_avgs = [_flat(p) for p in params], [_flat(a) for a in grad_avgs]
+    grad_dots = [_inner(p, _flat(g), w) for p, g, w in zip(flat_params, grads, wides, strict=True)]
     torch._foreach_lerp_(grad_dot_ws, grad_dots, 1.0 - beta)
-    dots = [_inner(p, a, w) for p, a, w in zip(params, grad_avgs, wides, strict=True)]
-    norms = [_inner(a, a, w) for a, w in zip(grad_avgs, wides, strict=True)]
-    columns = (torch._foreach_sub(dots, grad_dot_ws), grad_dot_ws, norms)
-    return torch.stack([torch.stack([x.to(dtype) for x in column]).sum() for column in columns])
+    dots = [_inner(p, a, w) for p, a, w in zip(flat_params, flat_avgs, wides, strict=True)]
+    norms = [_inner(a, a, w) for a, w in zip(flat_avgs, wides, strict=True)]
+    return _group_sums(dots, grad_dot_ws, norms).to(dtype)
 
 
 def _multi_tensor_momo_update(
