@@ -499,3 +499,36 @@ def test_instruction_lora_on_pretrained_smollm2(
     assert metrics["eval_train_noisy_loss"] > metrics["eval_train_noisy_clean_targets_loss"]
     assert 0.0 <= metrics["exact_match"] <= 1.0
     assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 2
+
+
+def test_json_config_and_command_line_override(tmp_path: Path) -> None:
+    config = tmp_path / "setup.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_config": "gpt2-tiny",
+                "use_lora": True,
+                "lora_target_modules": ["c_attn", "c_proj"],
+                "block_size": 32,
+                "lr_scheduler_type": "cosine_with_min_lr",
+                "lr_scheduler_kwargs": {"min_lr": 1e-5},
+                "learning_rate": 1e-3,
+                "output_dir": str(tmp_path / "from_file"),
+            }
+        )
+    )
+    model_args, lora_args, data_args, _, training_args = _common.parse_arguments(
+        (
+            _common.ModelArguments,
+            _common.LoraArguments,
+            run_clm.DataArguments,
+            _common.RunArguments,
+            _common.TrainingArguments,
+        ),
+        [str(config), "--learning_rate", "5e-4", "--use_cpu", "true"],
+    )
+    assert model_args.model_config == "gpt2-tiny" and data_args.block_size == 32
+    assert lora_args.use_lora is True and lora_args.lora_target_modules == ["c_attn", "c_proj"]
+    assert training_args.learning_rate == 5e-4  # the flag after the file wins
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    assert training_args.output_dir == str(tmp_path / "from_file")
