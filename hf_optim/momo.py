@@ -105,22 +105,6 @@ def _group_sums(dots: list[Tensor], grad_dot_ws: list[Tensor], norms: Tensor | l
     return torch.stack([(torch.stack(dots) - gamma).sum(), gamma.sum(), norms.sum()])
 
 
-def _restore_wide_state(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple) -> None:
-    """Undo torch's cast of every floating state entry to the parameter dtype for ``keys``
-    (statistics kept in float32 or wider), and copy the loaded state so that later in-place
-    updates never write into the caller's ``state_dict``."""
-    saved_state = state_dict["state"]
-    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
-        for param_id, p in zip(saved_group["params"], group["params"], strict=True):
-            if p not in optimizer.state:
-                continue
-            state = optimizer.state[p]
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    saved = saved_state[param_id][key] if key in keys else value
-                    state[key] = saved.to(device=value.device, copy=True)
-
-
 def _global_statistics(
     groups: list[dict[str, Any]],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -129,6 +113,23 @@ def _global_statistics(
         if "step" in group:
             return group["step"], group["loss_avg"], group.get("fstar")
     return None, None, None
+
+
+def _begin_step(
+    optimizer: HFOptimizer, groups: list[dict[str, Any]], first: Tensor, loss: Any
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """The global quantities Momo and MomoAdam share at the start of a step:
+    (this step's count, the loss as a tensor, the previous loss average or None, fstar)."""
+    previous_step, loss_avg, fstar = _global_statistics(groups)
+    if previous_step is None:
+        dtype, device = _statistics_dtype(groups), first.device
+        previous_step = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        dtype, device = loss_avg.dtype, loss_avg.device
+    if fstar is None:
+        fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
+    loss = optimizer._loss_tensor(loss, fstar).to(dtype)
+    return previous_step + 1, loss, loss_avg, fstar
 
 
 def _statistics_dtype(groups: list[dict[str, Any]]) -> torch.dtype:
@@ -243,10 +244,6 @@ class Momo(HFOptimizer):
         )
         super().__init__(params, defaults)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _restore_wide_state(self, state_dict, ("grad_dot_w",))
-
     def _init_group(
         self,
         group: dict[str, Any],
@@ -286,16 +283,8 @@ class Momo(HFOptimizer):
         if first is None:
             return  # no gradients anywhere: nothing to do, no state to advance
 
-        previous_step, loss_avg, fstar = _global_statistics(groups)
-        if previous_step is None:
-            dtype, device = _statistics_dtype(groups), first.device
-            previous_step = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            dtype, device = loss_avg.dtype, loss_avg.device
-        if fstar is None:
-            fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
-        step = previous_step + 1
-        loss = self._loss_tensor(loss, fstar).to(dtype)
+        step, loss, loss_avg, fstar = _begin_step(self, groups, first, loss)
+        dtype, device = loss.dtype, loss.device
         # the loss average is global: it uses the last group's beta (upstream MomoAdam's rule)
         average_beta = groups[-1]["beta"]
         if loss_avg is None:

@@ -70,14 +70,12 @@ from torch import Tensor
 from ._base import HFOptimizer, check_betas, check_range
 from ._reduce import accumulation_dtype, finish_sums
 from .momo import (
+    _begin_step,
     _check_flag,
     _flat,
-    _global_statistics,
     _group_sums,
     _inner,
     _polyak_step_sizes,
-    _restore_wide_state,
-    _statistics_dtype,
     _store_global_statistics,
 )
 
@@ -139,10 +137,6 @@ class MomoAdam(HFOptimizer):
         )
         super().__init__(params, defaults)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _restore_wide_state(self, state_dict, ("grad_dot_w",))
-
     def _init_group(self, group: dict[str, Any], lists: tuple[list[Tensor], ...]) -> None:
         params, grads, grad_avgs, grad_avg_sqs, grad_dot_ws, steps = lists
         for p in group["params"]:
@@ -176,16 +170,8 @@ class MomoAdam(HFOptimizer):
         if first is None:
             return  # no gradients anywhere: nothing to do, no state to advance
 
-        previous_step, loss_avg, fstar = _global_statistics(groups)
-        if previous_step is None:
-            dtype, device = _statistics_dtype(groups), first.device
-            previous_step = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            dtype, device = loss_avg.dtype, loss_avg.device
-        if fstar is None:
-            fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
-        step = previous_step + 1
-        loss = self._loss_tensor(loss, fstar).to(dtype)
+        step, loss, loss_avg, fstar = _begin_step(self, groups, first, loss)
+        dtype, device = loss.dtype, loss.device
         if loss_avg is None:
             loss_avg = torch.zeros_like(loss)
         beta1_of_average = groups[-1]["betas"][0]  # upstream: the last group's beta1
