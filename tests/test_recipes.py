@@ -76,6 +76,15 @@ def _read_metrics(output_dir: Path) -> dict:
     return metrics
 
 
+def _last_train_log(output_dir: Path) -> dict:
+    """The last training-loss log event of a run (the optimizer's statistics ride along)."""
+    events = [
+        json.loads(line)
+        for line in (output_dir / _common.LOG_HISTORY_FILE).read_text().splitlines()
+    ]
+    return [event for event in events if "loss" in event][-1]
+
+
 def _assert_perplexity(metrics: dict, prefix: str) -> None:
     loss = metrics[f"{prefix}_loss"]
     assert math.isfinite(loss) and loss > 0
@@ -176,6 +185,9 @@ def test_clm_two_processes_on_cpu(shakespeare_slice: Path, tmp_path: Path) -> No
         "--per_device_train_batch_size", "4",
         "--max_steps", "3",
         "--save_strategy", "no",
+        "--logging_steps", "1",
+        "--optim", "casmo",
+        "--optim_args", "c_min=0.05,granularity=group",
         "--output_dir", str(tmp_path),
         *COMMON_FLAGS,
     ]  # fmt: skip
@@ -185,6 +197,8 @@ def test_clm_two_processes_on_cpu(shakespeare_slice: Path, tmp_path: Path) -> No
     metrics = _read_metrics(tmp_path)
     assert metrics["world_size"] == 2
     assert metrics["global_step"] == 3
+    assert metrics["optim"] == "casmo" and metrics["optim_args"] == "c_min=0.05,granularity=group"
+    assert "optim/confidence/group_0" in _last_train_log(tmp_path)
     _assert_perplexity(metrics, "eval")
 
 
@@ -254,6 +268,9 @@ def test_instruction_gsm8k_lora_with_noise(data_dir: Path, tmp_path: Path) -> No
             "--per_device_train_batch_size", "4",
             "--per_device_eval_batch_size", "4",
             "--max_steps", "2",
+            "--logging_steps", "1",
+            "--optim", "casmo",
+            "--optim_args", "granularity=parameter",
             "--save_strategy", "no",
             "--output_dir", str(tmp_path),
             *COMMON_FLAGS,
@@ -274,6 +291,8 @@ def test_instruction_gsm8k_lora_with_noise(data_dir: Path, tmp_path: Path) -> No
     generations = (tmp_path / "generations.jsonl").read_text().splitlines()
     assert len(generations) == 2 and "prediction" in json.loads(generations[0])
     assert metrics["num_trainable_parameters"] < metrics["num_parameters"]
+    assert metrics["optim"] == "casmo"
+    assert any(key.startswith("optim/confidence/") for key in _last_train_log(tmp_path))
 
 
 def test_instruction_alpaca_full_finetuning(data_dir: Path, tmp_path: Path) -> None:
@@ -290,7 +309,11 @@ def test_instruction_alpaca_full_finetuning(data_dir: Path, tmp_path: Path) -> N
             "--max_subset_eval_samples", "4",
             "--per_device_train_batch_size", "4",
             "--per_device_eval_batch_size", "4",
+            "--gradient_accumulation_steps", "2",
             "--max_steps", "2",
+            "--logging_steps", "1",
+            "--optim", "momo",
+            "--max_grad_norm", "0",  # Momo's step assumes the unclipped gradient
             "--save_strategy", "no",
             "--output_dir", str(tmp_path),
             *COMMON_FLAGS,
@@ -298,6 +321,11 @@ def test_instruction_alpaca_full_finetuning(data_dir: Path, tmp_path: Path) -> N
     )  # fmt: skip
     assert metrics["num_trainable_parameters"] == metrics["num_parameters"]
     assert metrics["noise_num_noisy"] == 12
+    # Momo steps only when it gets the loss, which hf_optim.Trainer feeds it: its loss average
+    # follows the logged training loss
+    last = _last_train_log(tmp_path)
+    assert metrics["optim"] == "momo" and math.isfinite(last["optim/loss_avg/group_0"])
+    assert 0 < last["optim/loss_avg/group_0"] < 2 * last["loss"]
     assert "exact_match" not in metrics  # Alpaca responses have no final answer to match
     _assert_perplexity(_read_metrics(tmp_path), "eval_heldout")
 
