@@ -202,6 +202,25 @@ def test_clm_two_processes_on_cpu(shakespeare_slice: Path, tmp_path: Path) -> No
     _assert_perplexity(metrics, "eval")
 
 
+def test_fsdp_launch_refuses_casmo_at_start_up(tmp_path: Path) -> None:
+    """Launched with recipes/accelerate/fsdp2.yaml, the recipe stops before loading any data."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(RECIPES / "accelerate" / "fsdp2.yaml"),
+        "--num_processes", "1",
+        str(RECIPES / "run_clm.py"),
+        "--train_file", str(tmp_path / "never_read.txt"),
+        "--tokenizer_name_or_path", "char",
+        "--optim", "casmo",
+        "--output_dir", str(tmp_path),
+        *COMMON_FLAGS,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "UnsupportedBackendError: optim=casmo under FSDP" in result.stdout + result.stderr
+
+
 # --- noisy instruction tuning ---------------------------------------------------------------------
 
 
