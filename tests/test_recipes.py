@@ -274,12 +274,12 @@ def test_instruction_gsm8k_lora_with_noise(data_dir: Path, tmp_path: Path) -> No
             "--validation_file", str(data_dir / "gsm8k" / "test.jsonl"),
             "--tokenizer_name_or_path", str(data_dir / "gpt2-tokenizer"),
             "--model_config", "gpt2-tiny",
-            "--max_train_samples", "32",
-            "--max_eval_samples", "8",
-            "--max_length", "192",
+            "--max_train_samples", "16",
+            "--max_eval_samples", "4",
+            "--max_length", "128",
             "--noise_rate", "0.25",
             "--noise_type", "wrong_answer",
-            "--max_subset_eval_samples", "8",
+            "--max_subset_eval_samples", "4",
             "--use_lora", "true",
             "--lora_target_modules", "c_attn",
             "--num_generation_samples", "2",
@@ -303,10 +303,10 @@ def test_instruction_gsm8k_lora_with_noise(data_dir: Path, tmp_path: Path) -> No
         "eval_train_noisy_clean_targets",
     ):
         _assert_perplexity(on_disk, prefix)
-    assert on_disk["noise_num_noisy"] == 8 and on_disk["noise_num_examples"] == 32
+    assert on_disk["noise_num_noisy"] == 4 and on_disk["noise_num_examples"] == 16
     assert 0.0 <= on_disk["exact_match"] <= 1.0 and on_disk["num_generation_samples"] == 2
     noise = json.loads((tmp_path / "noise.json").read_text())
-    assert len(noise["noisy_indices"]) == 8
+    assert len(noise["noisy_indices"]) == 4
     generations = (tmp_path / "generations.jsonl").read_text().splitlines()
     assert len(generations) == 2 and "prediction" in json.loads(generations[0])
     assert metrics["num_trainable_parameters"] < metrics["num_parameters"]
