@@ -244,6 +244,18 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.captureWarnings(True)
 
 
+def teardown_logging() -> None:
+    """Undo :func:`setup_logging` (for callers that run recipes inside a longer process)."""
+    root = logging.getLogger()
+    for handler in _RECIPE_HANDLERS:
+        root.removeHandler(handler)
+        handler.close()
+    _RECIPE_HANDLERS.clear()
+    logging.captureWarnings(False)
+    transformers.utils.logging.disable_propagation()
+    transformers.utils.logging.enable_default_handler()
+
+
 class JsonlLogCallback(TrainerCallback):
     """Append every Trainer log event (train loss, lr, eval metrics) to ``log_history.jsonl``."""
 

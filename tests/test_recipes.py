@@ -39,6 +39,13 @@ COMMON_FLAGS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The recipes configure process-wide logging; leave the process as it was."""
+    yield
+    _common.teardown_logging()
+
+
 @pytest.fixture(scope="module")
 def shakespeare_slice(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 2,000 lines of Tiny Shakespeare (tokenizing all of it costs seconds)."""
