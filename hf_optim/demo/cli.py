@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"share of training examples with a wrong answer (default {defaults.noise_rate})",
     )
     parser.add_argument(
+        "--train-size",
+        type=_positive,
+        help=f"training examples (default {defaults.train_size})",
+    )
+    parser.add_argument(
         "--seed", type=int, help=f"data, model and order seed (default {defaults.seed})"
     )
     parser.add_argument("--output-dir", help=f"where results go (default ./{defaults.output_dir})")
@@ -100,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {
         "steps": args.steps,
         "noise_rate": args.noise_rate,
+        "train_size": args.train_size,
         "seed": args.seed,
         "output_dir": args.output_dir,
         "threads": args.threads,

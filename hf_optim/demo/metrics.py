@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,13 +53,24 @@ def greedy_answers(
     return answers
 
 
+@functools.cache
+def _exact_match_metric() -> Any:
+    import evaluate
+
+    from ..tasks import EXACT_MATCH_METRIC_PATH
+
+    return evaluate.load(EXACT_MATCH_METRIC_PATH)
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Share of predictions equal to their reference."""
+    """Share of predictions equal to their reference, through hf-optim's offline ``evaluate``
+    exact-match module (whole strings compared: the answers are words, not numbers)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return float("nan")
-    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+    result = _exact_match_metric().compute(
+        predictions=list(predictions), references=list(references), extract_answers=False
+    )
+    return float(result["exact_match"])
 
 
 def answer_budget(examples: Sequence[Example]) -> int:

@@ -22,15 +22,16 @@ def markdown_table(report: dict[str, Any]) -> str:
     """One row per optimizer: clean-eval loss, exact match, memorisation of wrong labels, time."""
     lines = [
         "| optimizer | optim_args | lr | clean-eval loss | exact match | "
-        "wrong labels memorized | loss on wrong labels | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "wrong labels memorized | loss on wrong labels | time (s) | CPU (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in report["results"]:
         lines.append(
             f"| {result['name']} | {result['optim_args'] or '-'} | {result['learning_rate']:g} | "
             f"{result['eval_loss']:.3f} | {result['exact_match']:.1%} | "
             f"{_number(result['noisy_memorized'], '.1%')} | "
-            f"{_number(result['train_noisy_loss'], '.3f')} | {result['time_s']:.1f} |"
+            f"{_number(result['train_noisy_loss'], '.3f')} | {result['time_s']:.1f} | "
+            f"{result['cpu_s']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -66,9 +66,14 @@ class ContenderResult:
     noisy_memorized: float | None
     train_clean_loss: float
     final_train_loss: float
+    #: wall time and process CPU time of training plus scoring
     time_s: float
+    cpu_s: float
     train_runtime_s: float
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    #: the optimizer's live statistics (CASMO's confidence, Momo's step size...) as last logged
+    #: by hf_optim.Trainer under ``optim/<key>/group_<i>``
+    optimizer_statistics: dict[str, float] = field(default_factory=dict)
 
 
 def _build_model(tokenizer: CharTokenizer, config: DemoConfig, max_length: int) -> torch.nn.Module:
@@ -106,6 +111,15 @@ def _curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, floa
             if key in entry and isinstance(entry[key], (int, float)):
                 series.setdefault(key, {})[step] = float(entry[key])
     return {key: sorted(values.items()) for key, values in series.items()}
+
+
+def _last_optimizer_statistics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    statistics: dict[str, float] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("optim/") and isinstance(value, (int, float)):
+                statistics[key] = float(value)
+    return statistics
 
 
 def run_contender(
@@ -154,7 +168,7 @@ def run_contender(
     )
     trainer.remove_callback(PrinterCallback)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train_output = trainer.train()
     final = trainer.evaluate()
     # Optimizers that evaluate other weights than they train on (averaging, Lookahead) swap
@@ -165,7 +179,7 @@ def run_contender(
     budget = answer_budget(splits.eval)
     predictions = greedy_answers(model, tokenizer, [e.prompt for e in splits.eval], budget)
     noisy_predictions = greedy_answers(model, tokenizer, [e.prompt for e in noisy_train], budget)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -185,8 +199,10 @@ def run_contender(
         train_clean_loss=final["eval_train_clean_loss"],
         final_train_loss=train_losses[-1][1] if train_losses else math.nan,
         time_s=elapsed,
+        cpu_s=cpu,
         train_runtime_s=float(train_output.metrics["train_runtime"]),
         curves=curves,
+        optimizer_statistics=_last_optimizer_statistics(trainer.state.log_history),
     )
 
 

@@ -5,16 +5,21 @@ Each example is an instruction applied to a short word over a 16-letter alphabet
     rev dcab=      -> bacd      (reverse the word)
     sort dcab=     -> abcd      (sort its letters)
 
-A tiny GPT-2 learns both in about a minute of CPU training, the answers are exact (so greedy
-decoding can be scored by exact match), and a wrong answer is easy to make: a noisy training
-example keeps its prompt but gets a random word of the same length that is not the right
-answer. Noise touches the training split only, and exactly ``round(noise_rate * train_size)``
-examples are corrupted, so the share is the one asked for. The held-out evaluation split is
-clean and shares no prompt with the training split.
+A tiny GPT-2 learns both in about a minute of CPU training, and the answers are exact, so
+greedy decoding can be scored by exact match. The examples are instruction records
+(``instruction``/``input``/``output``) of :mod:`hf_optim.tasks`, which supplies the rest:
 
-Tokens are characters. The tokenizer is built here from a fixed vocabulary (no hub download);
-prompt tokens are masked out of the loss (label ``-100``), so the model is trained and scored
-on the answer and its end-of-sequence token only.
+* label noise: :func:`hf_optim.tasks.inject_label_noise` with ``noise_type="shuffle"`` gives
+  exactly ``round(noise_rate * train_size)`` training examples the answer of another example
+  (a well-formed answer to a different question, never the right one). Only the training split
+  goes through it; the evaluation split is clean and shares no prompt with the training split;
+* prompt masking: :func:`hf_optim.tasks.tokenize_example` with the template
+  ``"{instruction} {input}="`` labels the prompt ``-100``, so the model is trained and scored
+  on the answer and its end-of-sequence token only.
+
+Tokens are characters; the tokenizer is built here from a fixed vocabulary (no hub download)
+and answers the small part of the ``transformers`` tokenizer interface that
+``tokenize_example`` uses.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tasks import inject_label_noise, tokenize_example
+
 __all__ = [
     "ALPHABET",
     "INSTRUCTIONS",
+    "PROMPT_TEMPLATE",
     "CharTokenizer",
     "Example",
     "TaskSplits",
@@ -38,6 +46,8 @@ __all__ = [
 
 ALPHABET = "abcdefghijklmnop"
 WORD_LENGTHS = (3, 6)  # inclusive range of word lengths
+PROMPT_TEMPLATE = "{instruction} {input}="
+NOISE_TYPE = "shuffle"
 
 #: instruction name -> the exact answer for a word
 INSTRUCTIONS: dict[str, Callable[[str], str]] = {
@@ -52,6 +62,8 @@ class CharTokenizer:
     """Character-level tokenizer over the task's fixed vocabulary.
 
     Ids 0, 1 and 2 are padding, beginning and end of sequence; every other id is one character.
+    Calling it returns ``{"input_ids": ...}`` with the beginning-of-sequence id in front when
+    ``add_special_tokens``, like a ``transformers`` tokenizer.
     """
 
     pad_token_id = 0
@@ -59,10 +71,15 @@ class CharTokenizer:
     eos_token_id = 2
 
     def __init__(self) -> None:
-        characters = sorted(set(ALPHABET + "".join(INSTRUCTIONS) + " ="))
+        template_text = PROMPT_TEMPLATE.format(instruction="", input="")
+        characters = sorted(set(ALPHABET + "".join(INSTRUCTIONS) + template_text))
         self._char_to_id = {char: index + 3 for index, char in enumerate(characters)}
         self._id_to_char = {index: char for char, index in self._char_to_id.items()}
         self.vocab_size = len(characters) + 3
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = self.encode(text)
+        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
 
     def encode(self, text: str) -> list[int]:
         return [self._char_to_id[char] for char in text]
@@ -90,7 +107,12 @@ class Example:
 
     @property
     def prompt(self) -> str:
-        return f"{self.instruction} {self.word}="
+        return PROMPT_TEMPLATE.format(instruction=self.instruction, input=self.word)
+
+    @property
+    def record(self) -> dict[str, str]:
+        """The :mod:`hf_optim.tasks` record that training sees."""
+        return {"instruction": self.instruction, "input": self.word, "output": self.target}
 
 
 @dataclass(frozen=True)
@@ -108,13 +130,6 @@ def _random_word(rng: random.Random, length: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(length))
 
 
-def _wrong_answer(rng: random.Random, answer: str) -> str:
-    while True:
-        candidate = _random_word(rng, len(answer))
-        if candidate != answer:
-            return candidate
-
-
 def build_task(train_size: int, eval_size: int, noise_rate: float, seed: int) -> TaskSplits:
     """Generate the training split (with ``noise_rate`` of its targets wrong) and a clean,
     disjoint evaluation split, deterministically from ``seed``."""
@@ -124,35 +139,33 @@ def build_task(train_size: int, eval_size: int, noise_rate: float, seed: int) ->
         raise ValueError(f"train_size and eval_size must be >= 1, got {train_size}, {eval_size}")
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < train_size + eval_size:
-        pair = (rng.choice(sorted(INSTRUCTIONS)), _random_word(rng, rng.randint(*WORD_LENGTHS)))
-        if pair not in seen:
-            seen.add(pair)
-            pairs.append(pair)
+    records: list[dict[str, str]] = []
+    while len(records) < train_size + eval_size:
+        instruction = rng.choice(sorted(INSTRUCTIONS))
+        word = _random_word(rng, rng.randint(*WORD_LENGTHS))
+        if (instruction, word) not in seen:
+            seen.add((instruction, word))
+            output = INSTRUCTIONS[instruction](word)
+            records.append({"instruction": instruction, "input": word, "output": output})
 
-    noisy_indices = set(rng.sample(range(train_size), round(noise_rate * train_size)))
-    train = []
-    for index, (instruction, word) in enumerate(pairs[:train_size]):
-        answer = INSTRUCTIONS[instruction](word)
-        noisy = index in noisy_indices
-        target = _wrong_answer(rng, answer) if noisy else answer
-        train.append(Example(instruction, word, answer, target, noisy))
+    noisy_train = inject_label_noise(
+        records[:train_size], rate=noise_rate, noise_type=NOISE_TYPE, seed=seed
+    )
+    train = [
+        Example(r["instruction"], r["input"], r["clean_output"], r["output"], r["is_noisy"])
+        for r in noisy_train
+    ]
     evaluation = [
-        Example(instruction, word, INSTRUCTIONS[instruction](word), INSTRUCTIONS[instruction](word))
-        for instruction, word in pairs[train_size:]
+        Example(r["instruction"], r["input"], r["output"], r["output"])
+        for r in records[train_size:]
     ]
     return TaskSplits(train=train, eval=evaluation, noise_rate=noise_rate)
 
 
 def encode_example(tokenizer: CharTokenizer, example: Example) -> dict[str, list[int]]:
     """``input_ids`` = BOS + prompt + target + EOS; ``labels`` mask the BOS and the prompt."""
-    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(example.prompt)]
-    response_ids = [*tokenizer.encode(example.target), tokenizer.eos_token_id]
-    return {
-        "input_ids": prompt_ids + response_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-    }
+    features = tokenize_example(example.record, tokenizer, template=PROMPT_TEMPLATE)
+    return {"input_ids": features["input_ids"], "labels": features["labels"]}
 
 
 class PadCollator:
