@@ -1,0 +1,520 @@
+"""AMaC beyond the shared battery: the anchors (AdamW plus heavy-ball, Lookahead over it, the
+closed-form schedule), each fixed upstream bug, upstream's names, the noise contract, SWA and
+the train/eval swap."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import hf_optim
+from hf_optim.amac import AMaC, anneal_factor, lr_factor
+
+# every extra feature off: AdamW plus heavy-ball momentum on the Adam direction
+BASE = {
+    "schedule": False,
+    "centralize_gradients": False,
+    "noise_factor": 0.0,
+    "clip_value": None,
+    "dynamic_weight_decay": False,
+    "lookahead": False,
+    "swa": False,
+}
+
+
+def make_params(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(5, 4), (5,), (3, 5), (1,)]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def loss_of(params: list[torch.Tensor], step: int) -> torch.Tensor:
+    w1, b1, w2, scalar = params
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    return ((torch.tanh(x @ w1.T + b1) @ w2.T * scalar - y) ** 2).mean()
+
+
+def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss_of(params, step), params))
+
+
+def run(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, start: int = 0):
+    for step in range(start + 1, start + steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(params, step).backward()
+        optimizer.step()
+
+
+def clone(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def roundtrip(state_dict: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# -- the reference recurrences, written from the spec independently of hf_optim ------------
+def reference_run(
+    params: list[torch.Tensor],
+    steps: int,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    lookahead_k: int | None = None,
+    lookahead_alpha: float = 0.5,
+) -> list[torch.Tensor]:
+    """Adam direction, decoupled decay, heavy-ball ``u = mu u - lr delta; p += u`` (upstream's
+    form), and optionally Lookahead ``slow += alpha (p - slow); p = slow`` every k steps."""
+    beta1, beta2 = betas
+    theta = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in theta]
+    v = [torch.zeros_like(p) for p in theta]
+    u = [torch.zeros_like(p) for p in theta]
+    slow = [p.clone() for p in theta]
+    for t in range(1, steps + 1):
+        grads = gradients([p.clone().requires_grad_() for p in theta], t)
+        for i, g in enumerate(grads):
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            m_hat = m[i] / (1 - beta1**t)
+            v_hat = v[i] / (1 - beta2**t)
+            delta = m_hat / (v_hat.sqrt() + eps)
+            theta[i] = theta[i] * (1 - lr * weight_decay)
+            u[i] = momentum * u[i] - lr * delta
+            theta[i] = theta[i] + u[i]
+        if lookahead_k is not None and t % lookahead_k == 0:
+            for i in range(len(theta)):
+                slow[i] = slow[i] + lookahead_alpha * (theta[i] - slow[i])
+                theta[i] = slow[i].clone()
+    return theta
+
+
+HYPER = {"lr": 3e-2, "betas": (0.85, 0.99), "eps": 1e-8, "weight_decay": 0.1, "momentum": 0.7}
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_features_off_is_adamw_plus_heavy_ball(foreach: bool) -> None:
+    params = make_params()
+    expected = reference_run(params, 15, **HYPER)
+    ours = clone(params)
+    optimizer = AMaC(ours, **BASE, **HYPER, foreach=foreach)
+    run(optimizer, ours, 15)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_without_momentum_it_is_torch_adamw(foreach: bool) -> None:
+    params = make_params()
+    theirs = clone(params)
+    adamw = torch.optim.AdamW(theirs, lr=3e-2, betas=(0.85, 0.99), eps=1e-8, weight_decay=0.1)
+    ours = clone(params)
+    amac = AMaC(
+        ours, **BASE, lr=3e-2, betas=(0.85, 0.99), weight_decay=0.1, momentum=0.0, foreach=foreach
+    )
+    run(adamw, theirs, 12)
+    run(amac, ours, 12)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lookahead_is_reference_lookahead_over_the_base(foreach: bool) -> None:
+    params = make_params()
+    expected = reference_run(params, 14, **HYPER, lookahead_k=3, lookahead_alpha=0.6)
+    ours = clone(params)
+    optimizer = AMaC(
+        ours,
+        **{**BASE, "lookahead": True},
+        **HYPER,
+        lookahead_k=3,
+        lookahead_alpha=0.6,
+        foreach=foreach,
+    )
+    run(optimizer, ours, 14)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    # the control: without Lookahead the trajectory is a different one
+    plain = reference_run(params, 14, **HYPER)
+    assert not torch.allclose(plain[0], expected[0])
+
+
+# -- the schedule -----------------------------------------------------------------------------
+def closed_form(t: int, lr: float, warmup: int, total: int, floor: float) -> float:
+    if t < warmup:
+        return lr * t / warmup
+    progress = min(1.0, (t - warmup) / (total - warmup))
+    return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_schedule_is_the_closed_form_and_holds_its_floor(warmup: int) -> None:
+    total, lr, floor = 20, 0.1, 0.05
+    params = make_params()
+    optimizer = AMaC(
+        params, total, lr=lr, warmup_steps=warmup, min_lr_ratio=floor, weight_decay=0.3
+    )
+    seen = []
+    for step in range(1, 3 * total + 1):
+        run(optimizer, params, 1, start=step - 1)
+        group = optimizer.param_groups[0]
+        seen.append(group["effective_lr"])
+        assert group["effective_lr"] == pytest.approx(closed_form(step, lr, warmup, total, floor))
+        annealing = max(0.0, 1 - step / total)
+        assert group["weight_decay_coefficient"] == pytest.approx(0.3 * annealing)
+        assert group["noise_std"] == pytest.approx(0.01 * annealing)
+        assert group["noise_std"] >= 0 and group["weight_decay_coefficient"] >= 0
+    # the floor is reached at total_steps and held: no cycling (upstream's cosine rises again)
+    assert seen[total - 1] == pytest.approx(lr * floor)
+    assert all(value == pytest.approx(lr * floor) for value in seen[total - 1 :])
+    if warmup:
+        assert max(seen) == pytest.approx(lr) and seen[warmup - 1] == pytest.approx(lr)
+
+
+def test_schedule_helpers_and_switches() -> None:
+    assert lr_factor(5, warmup_steps=10, total_steps=100) == 0.5
+    assert lr_factor(5, warmup_steps=10, total_steps=100, schedule=False) == 1.0
+    assert lr_factor(50, warmup_steps=10, total_steps=100, cosine=False) == 1.0
+    assert lr_factor(500, warmup_steps=10, total_steps=None) == 1.0
+    assert anneal_factor(10**6, 100) == 0.0 and anneal_factor(10**6, None) == 1.0
+
+
+def test_lr_and_weight_decay_are_read_from_the_group_every_step() -> None:
+    params = make_params()
+    optimizer = AMaC(params, **BASE, lr=1e-2, weight_decay=0.1)
+    run(optimizer, params, 2)
+    optimizer.param_groups[0]["lr"] = 0.5
+    optimizer.param_groups[0]["weight_decay"] = 0.0
+    run(optimizer, params, 1, start=2)
+    assert optimizer.param_groups[0]["effective_lr"] == 0.5
+    assert optimizer.param_groups[0]["weight_decay_coefficient"] == 0.0
+
+
+def test_set_total_steps_reaches_every_group() -> None:
+    params = make_params()
+    optimizer = AMaC([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}])
+    optimizer.set_total_steps(40)
+    assert [g["total_steps"] for g in optimizer.param_groups] == [40, 40]
+    with pytest.raises(ValueError, match="total_steps"):
+        optimizer.set_total_steps(0)
+
+
+# -- the upstream bugs ----------------------------------------------------------------------
+def test_weights_never_grow_from_decay_long_after_warm_up() -> None:
+    """Upstream's decay factor 1 - lr wd (1 - t/2W) exceeds 1 after 2W: weights grow."""
+    param = torch.ones(4, 3, dtype=torch.float64, requires_grad=True)
+    optimizer = AMaC([param], 50, lr=0.1, warmup_steps=2, weight_decay=0.5, **_no_motion())
+    norms = []
+    for _ in range(200):
+        param.grad = torch.zeros_like(param)
+        optimizer.step()
+        norms.append(param.detach().norm().item())
+    assert all(b <= a for a, b in zip(norms, norms[1:], strict=False))
+    assert norms[-1] == norms[60]  # decay reached zero at total_steps and stays there
+
+
+def _no_motion() -> dict:
+    return {"noise_factor": 0.0, "lookahead": False, "swa": False, "momentum": 0.0}
+
+
+def test_centralization_is_per_output_channel_and_leaves_grad_alone() -> None:
+    weight = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    scalar = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = AMaC([weight, scalar], 10, warmup_steps=0, noise_factor=0.0, swa=False)
+    gen = torch.Generator().manual_seed(0)
+    weight.grad = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    scalar.grad = torch.tensor([2.0], dtype=torch.float64)
+    grad_before = weight.grad.clone()
+    optimizer.step()
+    assert torch.equal(weight.grad, grad_before), "p.grad must not be mutated"
+    centred = grad_before - grad_before.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(optimizer.state[weight]["exp_avg"], 0.1 * centred)
+    # a one-element parameter is not centralized (upstream zeroes its gradient forever)
+    torch.testing.assert_close(optimizer.state[scalar]["exp_avg"], 0.1 * scalar.grad)
+    assert scalar.item() != 0.0
+
+
+def test_counters_are_per_group_and_warmup_zero_works() -> None:
+    params = make_params()
+    optimizer = AMaC(
+        [{"params": params[:2]}, {"params": params[2:]}], 10, warmup_steps=0, lookahead_k=2
+    )
+    for step in range(1, 6):
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(params, step).backward()
+        if step in (2, 3):
+            params[1].grad = None  # a parameter that misses steps stays in phase
+        optimizer.step()
+    assert [g["step"] for g in optimizer.param_groups] == [5, 5]
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# -- upstream's names ---------------------------------------------------------------------
+def test_upstream_names_are_aliases() -> None:
+    upstream = AMaC(make_params(), 100, beta1=0.8, beta2=0.95, mu=0.5, wd=0.2, alpha=0.7, k=3)
+    readable = AMaC(
+        make_params(),
+        total_steps=100,
+        betas=(0.8, 0.95),
+        momentum=0.5,
+        weight_decay=0.2,
+        lookahead_alpha=1 - 0.7,
+        lookahead_k=3,
+    )
+    assert upstream.param_groups[0].keys() == readable.param_groups[0].keys()
+    for key, value in readable.param_groups[0].items():
+        if isinstance(value, (float, tuple)):
+            assert upstream.param_groups[0][key] == pytest.approx(value), key
+        elif key != "params":
+            assert upstream.param_groups[0][key] == value, key
+    for name in ("beta1", "beta2", "mu", "wd", "alpha", "k"):
+        assert name not in upstream.param_groups[0]
+
+
+@pytest.mark.parametrize(
+    ("alias", "readable"),
+    [
+        ({"wd": 0.1}, {"weight_decay": 0.01}),
+        ({"mu": 0.5}, {"momentum": 0.9}),
+        ({"beta1": 0.8}, {"betas": (0.9, 0.999)}),
+        ({"alpha": 0.5}, {"lookahead_alpha": 0.5}),
+        ({"k": 3}, {"lookahead_k": 5}),
+    ],
+)
+def test_alias_and_readable_name_together_is_an_error(alias: dict, readable: dict) -> None:
+    # even when the readable value equals its default
+    (alias_name,) = alias
+    (readable_name,) = readable
+    with pytest.raises(ValueError, match=f"'{alias_name}'.*'{readable_name}'.*not both"):
+        AMaC(make_params(), **alias, **readable)
+
+
+def test_upstream_names_in_param_groups() -> None:
+    params = make_params()
+    optimizer = AMaC([{"params": params[:2], "wd": 0.0, "mu": 0.3}, {"params": params[2:]}])
+    first, second = optimizer.param_groups
+    assert first["weight_decay"] == 0.0 and first["momentum"] == 0.3 and "wd" not in first
+    assert second["weight_decay"] == 0.01 and second["momentum"] == 0.9
+    with pytest.raises(ValueError, match="wd"):
+        AMaC([{"params": params, "wd": -1.0}])
+    with pytest.raises(ValueError, match="not both"):
+        AMaC([{"params": params, "wd": 0.1, "weight_decay": 0.1}])
+
+
+def test_total_steps_is_the_second_positional_argument() -> None:
+    assert AMaC(make_params(), 123).param_groups[0]["total_steps"] == 123
+    with pytest.raises(ValueError, match="total_steps.*lr=... by keyword"):
+        AMaC(make_params(), 1e-3)
+
+
+def test_exported_through_the_registry() -> None:
+    assert hf_optim.AMaC is AMaC
+    assert hf_optim.get_optimizer_class("amac") is AMaC
+
+
+# -- noise ----------------------------------------------------------------------------------
+def noisy(seed: int, **overrides) -> tuple[AMaC, list[torch.Tensor]]:
+    params = make_params()
+    kwargs = {**BASE, "noise_factor": 0.5, "seed": seed, "total_steps": 10, **overrides}
+    return AMaC(params, **kwargs), params
+
+
+def test_noise_is_seeded_and_owned_by_the_optimizer() -> None:
+    first, first_params = noisy(seed=1)
+    second, second_params = noisy(seed=1)
+    other, other_params = noisy(seed=2)
+    torch.manual_seed(0)
+    run(first, first_params, 4)
+    torch.manual_seed(12345)  # the global generator plays no part
+    run(second, second_params, 4)
+    run(other, other_params, 4)
+    assert all(torch.equal(a, b) for a, b in zip(first_params, second_params, strict=True))
+    assert not torch.equal(first_params[0], other_params[0])
+    quiet, quiet_params = noisy(seed=1, noise_factor=0.0)
+    run(quiet, quiet_params, 4)
+    assert not torch.equal(first_params[0], quiet_params[0]), "the noise is really there"
+
+
+def test_noise_anneals_to_zero_at_total_steps() -> None:
+    first, first_params = noisy(seed=1)
+    other, other_params = noisy(seed=2)
+    run(first, first_params, 10)
+    run(other, other_params, 10)
+    # from the same point, after total_steps the seed no longer matters
+    for p, q in zip(first_params, other_params, strict=True):
+        q.data.copy_(p.data)
+    other.load_state_dict(roundtrip(first.state_dict()))
+    other.param_groups[0]["seed"] = 2
+    run(first, first_params, 3, start=10)
+    run(other, other_params, 3, start=10)
+    assert first.param_groups[0]["noise_std"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(first_params, other_params, strict=True))
+
+
+def test_zero_learning_rate_step_is_a_no_op() -> None:
+    """What torch.distributed.checkpoint runs to create state: lr=0, zero gradients."""
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    optimizer = AMaC(params, 10, lr=0.0, warmup_steps=0, noise_factor=1.0, lookahead_k=1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+
+
+def test_clipping_bounds_the_normalised_update() -> None:
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    optimizer = AMaC(params, **{**BASE, "clip_value": 0.1}, lr=1.0, momentum=0.0, weight_decay=0)
+    for p in params:
+        p.grad = torch.randn_like(p) * 100
+    optimizer.step()
+    moved = max((p - q).abs().max().item() for p, q in zip(params, before, strict=True))
+    assert moved == pytest.approx(0.1)
+
+
+# -- SWA and the train/eval swap ----------------------------------------------------------
+@pytest.mark.parametrize("foreach", [False, True])
+def test_swa_is_a_uniform_average_of_every_group(foreach: bool) -> None:
+    params = make_params()
+    optimizer = AMaC(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}],
+        **{**BASE, "swa": True},
+        lookahead_k=3,
+        swa_start=5,
+        foreach=foreach,
+    )
+    samples: list[list[torch.Tensor]] = []
+    for step in range(1, 17):
+        run(optimizer, params, 1, start=step - 1)
+        if step >= 5 and step % 3 == 0:
+            samples.append([p.detach().clone() for p in params])
+    assert len(samples) == 4  # steps 6, 9, 12, 15
+    assert [g["swa_count"] for g in optimizer.param_groups] == [4, 4]
+    for index, p in enumerate(params):
+        mean = torch.stack([sample[index] for sample in samples]).mean(dim=0)
+        torch.testing.assert_close(optimizer.state[p]["swa_average"], mean)
+
+
+def trained(**overrides) -> tuple[AMaC, list[torch.Tensor]]:
+    params = make_params()
+    kwargs = {"total_steps": 30, "warmup_steps": 2, "lookahead_k": 3, "swa_start": 3, **overrides}
+    optimizer = AMaC(params, **kwargs)
+    run(optimizer, params, 10)
+    return optimizer, params
+
+
+def test_eval_swaps_the_average_in_and_train_swaps_it_back() -> None:
+    optimizer, params = trained()
+    fast = [p.detach().clone() for p in params]
+    averages = [optimizer.state[p]["swa_average"].clone() for p in params]
+    assert not torch.equal(fast[0], averages[0])
+    optimizer.eval()
+    optimizer.eval()  # idempotent
+    assert all(torch.equal(p, a) for p, a in zip(params, averages, strict=True))
+    with pytest.raises(RuntimeError, match="train()"):
+        optimizer.step()
+    optimizer.train()
+    optimizer.train()  # idempotent
+    assert all(torch.equal(p, f) for p, f in zip(params, fast, strict=True))
+    assert all("fast_weights" not in optimizer.state[p] for p in params)
+
+
+def test_eval_uses_lookahead_slow_weights_without_swa() -> None:
+    optimizer, params = trained(swa=False)
+    slow = [optimizer.state[p]["slow_weights"].clone() for p in params]
+    optimizer.eval()
+    assert all(torch.equal(p, s) for p, s in zip(params, slow, strict=True))
+    optimizer.train()
+    fast_only, fast_params = trained(eval_weights="fast")
+    before = [p.detach().clone() for p in fast_params]
+    fast_only.eval()
+    assert all(torch.equal(p, b) for p, b in zip(fast_params, before, strict=True))
+
+
+def test_checkpoint_saved_in_eval_mode_resumes_exactly() -> None:
+    reference, reference_params = trained()
+    run(reference, reference_params, 5, start=10)
+
+    optimizer, params = trained()
+    optimizer.eval()  # e.g. a checkpoint written during evaluation
+    saved_model = [p.detach().clone() for p in params]  # holds the averaged weights
+    saved_optimizer = roundtrip(optimizer.state_dict())
+    assert all(g["averaged_in_model"] for g in saved_optimizer["param_groups"])
+
+    resumed_params = [p.clone().requires_grad_() for p in saved_model]
+    resumed = AMaC(resumed_params, total_steps=30, warmup_steps=2, lookahead_k=3, swa_start=3)
+    resumed.load_state_dict(saved_optimizer)
+    resumed.train()  # the Trainer calls this before every training step
+    run(resumed, resumed_params, 5, start=10)
+    assert all(torch.equal(p, q) for p, q in zip(resumed_params, reference_params, strict=True))
+
+
+@pytest.mark.parametrize("method", ["write_averaged_weights", "swap_swa_weights"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_write_averaged_weights_for_export(method: str, mode: str) -> None:
+    optimizer, params = trained()
+    averages = [optimizer.state[p]["swa_average"].clone() for p in params]
+    getattr(optimizer, mode)()
+    getattr(optimizer, method)()
+    assert all(torch.equal(p, a) for p, a in zip(params, averages, strict=True))
+    assert not any(g["averaged_in_model"] for g in optimizer.param_groups)
+    assert all("fast_weights" not in optimizer.state[p] for p in params)
+    optimizer.train()  # no fast weights to restore: the export stays
+    assert all(torch.equal(p, a) for p, a in zip(params, averages, strict=True))
+
+
+def test_statistics_report_the_live_schedule() -> None:
+    optimizer, _ = trained()
+    statistics = optimizer.statistics()
+    for key in ("effective_lr", "noise_std", "weight_decay_coefficient", "swa_count"):
+        assert f"{key}/group_0" in statistics
+    assert statistics["swa_count/group_0"] == 3.0  # steps 3, 6, 9
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"noise_factor": 0.3, "clip_value": None},
+        {"noise_factor": 0.0, "clip_value": 0.2},
+        {"noise_factor": 0.0, "clip_value": 0.2, "centralize_gradients": False},
+        {"noise_factor": 0.3, "clip_value": 0.2, "momentum": 0.0, "lookahead": False},
+    ],
+    ids=["noise-no-clip", "clip-no-noise", "clip-no-centralization", "no-momentum"],
+)
+def test_every_multi_tensor_branch_matches_the_reference(options: dict) -> None:
+    """The battery's cases cover noise with clipping and neither; these cover the rest."""
+    runs = []
+    for foreach in (False, True):
+        params = make_params()
+        kwargs = {"total_steps": 12, "lr": 1e-2, "warmup_steps": 2, "lookahead_k": 3}
+        optimizer = AMaC(params, **kwargs, **options, foreach=foreach)
+        run(optimizer, params, 9)
+        runs.append((params, optimizer))
+    (ref_params, ref), (fast_params, fast) = runs
+    for p, q in zip(ref_params, fast_params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+        for key, value in ref.state[p].items():
+            torch.testing.assert_close(fast.state[q][key], value, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(ref_params[0], make_params()[0])
+
+
+def test_train_in_train_mode_touches_nothing() -> None:
+    optimizer, params = trained()
+    versions = [p._version for p in params]
+    state_keys = [set(optimizer.state[p]) for p in params]
+    for _ in range(3):
+        optimizer.train()
+    assert [p._version for p in params] == versions  # no in-place write to any parameter
+    assert [set(optimizer.state[p]) for p in params] == state_keys

@@ -1,0 +1,371 @@
+"""Momo and MomoAdam: parity with momo-opt 0.1.0, the SGD-M/Adam anchors, and the fixes
+(zero gradients, bfloat16 statistics, resume, one reduction per step).
+
+The conformance battery (tests/test_conformance.py) covers what every optimizer must do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_optim.momo as momo_module
+import hf_optim.momo_adam as momo_adam_module
+from hf_optim.momo import Momo
+from hf_optim.momo_adam import MomoAdam
+
+try:
+    import momo as upstream
+except ImportError:  # pragma: no cover - CI installs momo-opt
+    upstream = None
+
+needs_upstream = pytest.mark.skipif(
+    upstream is None,
+    reason="momo-opt 0.1.0 is not installed (pip install momo-opt==0.1.0); CI installs it",
+)
+
+STEPS = 60
+
+
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(
+        dtype
+    )
+
+
+def data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    y = torch.sin(x[:, :3]) + 0.05 * torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def batch_loss(model: torch.nn.Module, step: int, x: torch.Tensor, y: torch.Tensor):
+    rows = slice(8 * (step % 8), 8 * (step % 8) + 8)
+    return F.mse_loss(model(x[rows]), y[rows])
+
+
+def groups_of(model: torch.nn.Module, second_group: dict | None) -> list:
+    params = list(model.parameters())
+    if second_group is None:
+        return params
+    return [{"params": params[:2]}, {"params": params[2:], **second_group}]
+
+
+@contextlib.contextmanager
+def float64_default():
+    """momo-opt creates some statistics with the default dtype (``torch.zeros(1)``,
+    ``torch.tensor(0.)``): float32, which would limit a float64 comparison to ~1e-6."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def run(
+    factory,
+    second_group=None,
+    steps=STEPS,
+    dtype=torch.float64,
+    loss_as_float=False,
+    upstream_dtype=False,
+):
+    """Train the small model; return (model, optimizer, per-step group-0 tau or None).
+
+    ``upstream_dtype``: run the optimizer under :func:`float64_default` (for momo-opt)."""
+    model = make_model(dtype)
+    x, y = data(dtype)
+    context = float64_default() if upstream_dtype else contextlib.nullcontext()
+    taus = []
+    with context, warnings.catch_warnings():
+        optimizer = factory(groups_of(model, second_group))
+        warnings.simplefilter("ignore")  # momo-opt warns twice per step with two groups
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(model, step, x, y)
+            loss.backward()
+            if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+                optimizer.step()  # the anchors take no loss
+            else:
+                optimizer.step(loss=loss.item() if loss_as_float else loss)
+            tau = optimizer.param_groups[0].get("tau")
+            taus.append(None if tau is None else float(tau))
+    return model, optimizer, taus
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, rtol=1e-10, atol=1e-12) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
+# -- parity with momo-opt 0.1.0 ----------------------------------------------------------------
+MOMO_CONFIGS = {
+    "default": {"lr": 1.0},
+    "polyak-active": {"lr": 10.0},
+    "weight-decay": {"lr": 10.0, "weight_decay": 1e-2},
+    "fstar": {"lr": 10.0, "use_fstar": True},
+    "fstar-weight-decay-lb": {"lr": 10.0, "use_fstar": True, "weight_decay": 1e-2, "lb": 0.01},
+    "bias-correction": {"lr": 5.0, "bias_correction": True, "weight_decay": 1e-3},
+    "bias-correction-fstar": {"lr": 5.0, "bias_correction": True, "use_fstar": True},
+}
+SECOND_GROUPS = {"one-group": None, "two-groups": {"lr": 3.0, "weight_decay": 0.05}}
+
+
+@needs_upstream
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("second", list(SECOND_GROUPS), ids=list(SECOND_GROUPS))
+@pytest.mark.parametrize("config", list(MOMO_CONFIGS), ids=list(MOMO_CONFIGS))
+def test_momo_matches_momo_opt(config: str, second: str, foreach: bool) -> None:
+    kwargs, second_group = MOMO_CONFIGS[config], SECOND_GROUPS[second]
+    reference, ref_opt, _ = run(
+        lambda p: upstream.Momo(p, **kwargs), second_group, upstream_dtype=True
+    )
+    ours, opt, taus = run(lambda p: Momo(p, **kwargs, foreach=foreach), second_group)
+    assert_same_params(ours, reference)
+    group = opt.param_groups[0]
+    assert int(group["step"]) == STEPS
+    torch.testing.assert_close(group["loss_avg"], ref_opt.loss_avg.reshape(()), rtol=1e-10, atol=0)
+    if kwargs.get("use_fstar"):
+        assert math.isclose(float(group["fstar"]), ref_opt.lb, rel_tol=1e-8, abs_tol=1e-12)
+    # the adaptive step was active (the test would not notice a wrong Polyak term otherwise)
+    cap = kwargs["lr"]
+    assert any(tau < 0.99 * cap for tau in taus[1:]), taus
+
+
+MOMO_ADAM_CONFIGS = {
+    "default": {},
+    "polyak-active": {"lr": 1.0},
+    "weight-decay": {"lr": 1.0, "weight_decay": 1e-2},
+    "weight-decay-no-divide": {"lr": 1.0, "weight_decay": 1e-2, "divide": False},
+    "fstar": {"lr": 1.0, "use_fstar": True},
+    "fstar-weight-decay-lb": {"lr": 1.0, "use_fstar": True, "weight_decay": 1e-2, "lb": 0.01},
+}
+ADAM_SECOND_GROUPS = {
+    "one-group": None,
+    "two-groups": {"lr": 0.3, "weight_decay": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
+}
+
+
+@needs_upstream
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("second", list(ADAM_SECOND_GROUPS), ids=list(ADAM_SECOND_GROUPS))
+@pytest.mark.parametrize("config", list(MOMO_ADAM_CONFIGS), ids=list(MOMO_ADAM_CONFIGS))
+def test_momo_adam_matches_momo_opt(config: str, second: str, foreach: bool) -> None:
+    kwargs, second_group = MOMO_ADAM_CONFIGS[config], ADAM_SECOND_GROUPS[second]
+    reference, ref_opt, _ = run(
+        lambda p: upstream.MomoAdam(p, **kwargs), second_group, upstream_dtype=True
+    )
+    ours, opt, taus = run(lambda p: MomoAdam(p, **kwargs, foreach=foreach), second_group)
+    assert_same_params(ours, reference)
+    group = opt.param_groups[0]
+    assert int(group["step"]) == STEPS
+    torch.testing.assert_close(group["loss_avg"], ref_opt.loss_avg.reshape(()), rtol=1e-10, atol=0)
+    if kwargs.get("use_fstar"):
+        assert math.isclose(float(group["fstar"]), ref_opt.lb, rel_tol=1e-8, abs_tol=1e-12)
+    if config != "default":
+        beta1 = 0.9
+        caps = [kwargs["lr"] / (1 - beta1 ** (k + 1)) for k in range(STEPS)]
+        assert any(tau < 0.99 * cap for tau, cap in zip(taus[1:], caps[1:], strict=True))
+
+
+def test_momo_adam_fused_direction_matches_plain_ops(monkeypatch) -> None:
+    """The multi-tensor path forms d/D with torch's fused Adam kernel where it can; the
+    plain foreach ops give the same trajectory."""
+    kwargs = {"lr": 1.0, "weight_decay": 1e-2}
+    fused, _, _ = run(lambda p: MomoAdam(p, **kwargs), ADAM_SECOND_GROUPS["two-groups"])
+    monkeypatch.setattr(momo_adam_module, "_fused_direction_supported", lambda params: False)
+    plain, _, _ = run(lambda p: MomoAdam(p, **kwargs), ADAM_SECOND_GROUPS["two-groups"])
+    assert_same_params(fused, plain)
+
+
+# -- anchors: with a tiny cap the Polyak term never binds ----------------------------------
+def test_momo_with_tiny_lr_is_sgd_with_dampened_momentum() -> None:
+    lr, beta = 1e-4, 0.9
+    ours, _, taus = run(lambda p: Momo(p, lr=lr, beta=beta))
+    sgd, _, _ = run(lambda p: torch.optim.SGD(p, lr=lr, momentum=beta, dampening=beta))
+    assert all(tau == pytest.approx(lr, rel=1e-12) for tau in taus)
+    assert_same_params(ours, sgd, rtol=1e-12, atol=1e-14)
+    assert not all(
+        torch.equal(p, q) for p, q in zip(ours.parameters(), make_model().parameters(), strict=True)
+    )
+
+
+def test_momo_adam_with_tiny_lr_is_adam() -> None:
+    lr = 1e-5
+    ours, _, _ = run(lambda p: MomoAdam(p, lr=lr, eps=1e-8))
+    adam, _, _ = run(lambda p: torch.optim.Adam(p, lr=lr, eps=1e-8))
+    assert_same_params(ours, adam, rtol=1e-12, atol=1e-14)
+    assert not all(
+        torch.equal(p, q) for p, q in zip(ours.parameters(), make_model().parameters(), strict=True)
+    )
+
+
+# -- zero gradient, bfloat16, Python-float loss -------------------------------------------------
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("cls", [Momo, MomoAdam])
+def test_zero_gradient_gives_zero_step_and_no_nan(cls, foreach: bool) -> None:
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    before = [p.clone() for p in params]
+    optimizer = cls(params, lr=1.0, foreach=foreach)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step(loss=torch.tensor(0.7, dtype=torch.float64))
+    for p, q in zip(params, before, strict=True):
+        assert torch.equal(p, q)
+    statistics = optimizer.statistics()
+    assert statistics["tau/group_0"] == 0.0
+    assert all(math.isfinite(value) for value in statistics.values())
+
+
+@pytest.mark.parametrize("cls,lr", [(Momo, 10.0), (MomoAdam, 1.0)])
+def test_bfloat16_parameters_give_sensible_step_sizes(cls, lr: float) -> None:
+    """With bf16 parameters the Polyak numerator is accumulated in float32, so the step sizes
+    stay close to those of the float32 run (summed in bf16 they are noise)."""
+    steps = 15
+    _, _, taus_fp32 = run(lambda p: cls(p, lr=lr), dtype=torch.float32, steps=steps)
+    model, optimizer, taus_bf16 = run(lambda p: cls(p, lr=lr), dtype=torch.bfloat16, steps=steps)
+    assert all(math.isfinite(t) and t >= 0 for t in taus_bf16)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+    assert any(t < 0.99 * lr for t in taus_fp32[1:6])  # the Polyak step is active
+    for t32, t16 in zip(taus_fp32[:6], taus_bf16[:6], strict=True):
+        assert t16 == pytest.approx(t32, rel=0.1), (taus_fp32, taus_bf16)
+    assert optimizer.state[next(model.parameters())]["grad_dot_w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [Momo, MomoAdam])
+def test_loss_may_be_a_python_float(cls) -> None:
+    as_tensor, _, _ = run(lambda p: cls(p, lr=1.0), steps=10)
+    as_float, _, _ = run(lambda p: cls(p, lr=1.0), steps=10, loss_as_float=True)
+    assert_same_params(as_tensor, as_float, rtol=1e-12, atol=1e-14)
+
+
+# -- resume -------------------------------------------------------------------------------------
+def roundtrip(state_dict: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def train_steps(model, optimizer, start: int, steps: int) -> None:
+    x, y = data(next(model.parameters()).dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(start, start + steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(model, step, x, y)
+            loss.backward()
+            optimizer.step(loss=loss)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs,kwargs",
+    [
+        (Momo, "Momo", {"lr": 10.0, "use_fstar": True}),
+        (MomoAdam, "MomoAdam", {"lr": 1.0, "use_fstar": True}),
+    ],
+    ids=["momo", "momo_adam"],
+)
+def test_resume_continues_loss_average_and_counters(ours, theirs, kwargs) -> None:
+    split, rest = 7, 8
+    whole = make_model()
+    uninterrupted = ours(whole.parameters(), **kwargs)
+    train_steps(whole, uninterrupted, 0, split + rest)
+
+    first = make_model()
+    optimizer = ours(first.parameters(), **kwargs)
+    train_steps(first, optimizer, 0, split)
+    saved = roundtrip(optimizer.state_dict())
+    group = saved["param_groups"][0]
+    assert int(group["step"]) == split
+    assert group["loss_avg"].item() > 0 and "fstar" in group and "tau" in group
+    resumed = ours(first.parameters(), **kwargs)
+    resumed.load_state_dict(saved)
+    train_steps(first, resumed, split, rest)
+    assert int(resumed.param_groups[0]["step"]) == split + rest
+    assert torch.equal(
+        resumed.param_groups[0]["loss_avg"], uninterrupted.param_groups[0]["loss_avg"]
+    )
+    assert torch.equal(resumed.param_groups[0]["fstar"], uninterrupted.param_groups[0]["fstar"])
+    for p, q in zip(first.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+    if upstream is None:
+        return
+    # control: momo-opt loses its step count, loss average and lower bound on resume
+    base, broken = make_model(), make_model()
+    with float64_default():
+        reference = getattr(upstream, theirs)(base.parameters(), **kwargs)
+        train_steps(base, reference, 0, split + rest)
+        reference_first = getattr(upstream, theirs)(broken.parameters(), **kwargs)
+        train_steps(broken, reference_first, 0, split)
+        state = reference_first.state_dict()
+        restarted = getattr(upstream, theirs)(broken.parameters(), **kwargs)
+        restarted.load_state_dict(state)
+        train_steps(broken, restarted, split, rest)
+    assert restarted._number_steps == rest
+    assert any(
+        not torch.equal(p, q) for p, q in zip(broken.parameters(), base.parameters(), strict=True)
+    )
+
+
+def test_state_dtypes_survive_load_state_dict() -> None:
+    """torch casts floating state to the parameter dtype on load; gamma stays float32."""
+    model = make_model(torch.bfloat16)
+    optimizer = Momo(model.parameters(), lr=10.0)
+    train_steps(model, optimizer, 0, 3)
+    resumed = Momo(model.parameters(), lr=10.0)
+    resumed.load_state_dict(roundtrip(optimizer.state_dict()))
+    for p in model.parameters():
+        assert resumed.state[p]["grad_dot_w"].dtype == torch.float32
+        assert resumed.state[p]["grad_avg"].dtype == torch.bfloat16
+        assert torch.equal(resumed.state[p]["grad_dot_w"], optimizer.state[p]["grad_dot_w"])
+
+
+# -- the reduction hook and the statistics ------------------------------------------------------
+@pytest.mark.parametrize(
+    "module,cls", [(momo_module, Momo), (momo_adam_module, MomoAdam)], ids=["momo", "momo_adam"]
+)
+def test_one_finish_sums_call_per_step(monkeypatch, module, cls) -> None:
+    calls = []
+    original = module.finish_sums
+
+    def counting(partial, *args, **kwargs):
+        calls.append(tuple(partial.shape))
+        return original(partial, *args, **kwargs)
+
+    monkeypatch.setattr(module, "finish_sums", counting)
+    run(lambda p: cls(p, lr=1.0), second_group={"lr": 0.5}, steps=4)
+    assert calls == [(3,)] * 4
+
+
+@pytest.mark.parametrize("cls", [Momo, MomoAdam])
+def test_statistics_report_tau_loss_average_and_fstar(cls) -> None:
+    _, optimizer, taus = run(
+        lambda p: cls(p, lr=1.0, use_fstar=True), second_group={"lr": 0.5}, steps=5
+    )
+    statistics = optimizer.statistics()
+    assert set(statistics) == {
+        f"{key}/group_{index}" for key in ("tau", "loss_avg", "fstar") for index in (0, 1)
+    }
+    assert statistics["tau/group_0"] == taus[-1]
+    assert statistics["loss_avg/group_0"] == statistics["loss_avg/group_1"] > 0
+    _, plain, _ = run(lambda p: cls(p, lr=1.0), steps=2)
+    assert set(plain.statistics()) == {"tau/group_0", "loss_avg/group_0"}
+
+
+def test_step_without_any_gradient_changes_nothing() -> None:
+    model = make_model()
+    optimizer = Momo(model.parameters())
+    optimizer.step(loss=1.0)
+    assert "step" not in optimizer.param_groups[0] and not optimizer.state
