@@ -17,10 +17,25 @@ from ._registry import (
     get_optimizer_info,
     list_optimizers,
 )
+from .hf import _autoregister
 
 __version__ = "0.1.0"
 
 _LAZY = {info.class_path.rpartition(".")[2]: info.class_path for info in OPTIMIZERS.values()}
+# The Hugging Face glue (imports transformers when first touched).
+_LAZY.update(
+    {
+        name: f"hf_optim.hf.{name}"
+        for name in (
+            "Trainer",
+            "TrainingArguments",
+            "OptimizerTrainerMixin",
+            "OptimizerStatsCallback",
+            "LossFeeder",
+            "register_hf_optimizers",
+        )
+    }
+)
 
 __all__ = [
     "HFOptimizer",
@@ -42,3 +57,8 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'hf_optim' has no attribute {name!r}")
+
+
+# Make optim="casmo" work with the stock TrainingArguments/Trainer: register now if
+# transformers is already imported, otherwise right after it is (no transformers import here).
+_autoregister.install()

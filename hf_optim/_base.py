@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._reduce import accumulation_dtype
+
 __all__ = ["HFOptimizer", "check_range", "check_choice", "check_betas", "MISSING_LOSS_MESSAGE"]
 
 MISSING_LOSS_MESSAGE = (
@@ -139,6 +141,38 @@ class HFOptimizer(torch.optim.Optimizer):
 
     def _step(self, loss: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- checkpoints --------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, with two differences every hf-optim optimizer needs.
+
+        * Statistics kept wider than their parameter (float32 state of a bfloat16 model) keep
+          their saved dtype; torch casts every floating state entry but ``step`` to the
+          parameter's dtype, which would round them and break a bitwise resume.
+        * The loaded state never aliases the caller's tensors, so later in-place steps do not
+          write into the ``state_dict`` that was passed in.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if not saved or param not in self.state:
+                continue
+            state = self.state[param]
+            wide = accumulation_dtype(param.dtype) if param.is_floating_point() else None
+            for key, value in saved.items():
+                if not torch.is_tensor(value) or key not in state:
+                    continue
+                loaded = state[key]
+                if (
+                    value.is_floating_point()
+                    and loaded.dtype != value.dtype
+                    and value.dtype == wide
+                ):
+                    state[key] = value.to(device=param.device, copy=True)
+                elif loaded.numel() and loaded.data_ptr() == value.data_ptr():
+                    state[key] = loaded.clone()
 
     # -- statistics ---------------------------------------------------------------------
     def statistics(self) -> dict[str, float]:

@@ -517,21 +517,6 @@ class AutoSGM(HFOptimizer):
         """Accepted for code written for upstream, whose ``init()`` pre-created the state.
         State here is created lazily at a parameter's first step, so this does nothing."""
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts every floating state tensor to its parameter's dtype; this optimizer keeps
-        # float32 (or wider) state for low-precision parameters, so restore the saved dtypes
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, param in zip(saved_ids, params, strict=False):
-            saved = state_dict["state"].get(saved_id)
-            if not saved or param not in self.state:
-                continue
-            state = self.state[param]
-            for key, value in saved.items():
-                if torch.is_tensor(value) and key in state and state[key].dtype != value.dtype:
-                    state[key] = value.to(device=param.device, copy=True)
-
     # -- the step ----------------------------------------------------------------------
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self.state[p]

@@ -74,14 +74,21 @@ Deviations from upstream 0.1.0/0.2.0, and why:
   construction works (upstream: KeyError) and ``state_dict()`` holds only tensors and Python
   scalars; ``load_state_dict`` does not mutate its argument.
 * NaN/Inf gradients are not checked (upstream raises, at two host syncs per tensor). Use
-  ``torch.amp.GradScaler`` (which skips such steps before the optimizer runs) or clip/skip in the
-  loop; a NaN gradient makes that step's AGAR and confidence NaN, as it makes Adam's update NaN.
+  ``torch.amp.GradScaler`` (which skips such steps before the optimizer runs) or skip such
+  steps in the loop: as in Adam, a NaN gradient poisons the moments, and here also the AGAR
+  statistics of its group (or tensor).
 * ``tau_init_steps`` may be any positive integer (upstream demands at least 50).
 * No logging and no global ``'CASMO'`` logger handler; read ``statistics()`` (AGAR, confidence,
   tau, calibrated flag per group) when logging instead.
 * Sparse gradients raise ``RuntimeError`` as in upstream (there NotImplementedError).
 * Kept as upstream: weight decay is decoupled and *not* scaled by the confidence (THEORY 2.6);
-  the per-tensor bias correction uses each tensor's own step count.
+  the per-tensor bias correction uses each tensor's own step count; the DDEA's EMA starts at
+  (1, 0.01) and is not reset at calibration. Note that :math:`\tau` can only rise when
+  :math:`\mathrm{AGAR} > \tau + \text{dead\_zone}\cdot\tau_{cal}` and
+  :math:`\mathrm{AGAR} \le 1.2\tau_{cal}`, and never falls below :math:`\tau_{cal}`: with the
+  default ``tau_dead_zone=0.2`` the DDEA leaves :math:`\tau = \tau_{cal}` (up to rounding), in
+  upstream 0.2.0 as here. A smaller dead zone lets it move within
+  :math:`[\tau_{cal}, 1.2\tau_{cal}]`.
 """
 
 from __future__ import annotations
@@ -112,11 +119,12 @@ MEMORIZATION_FACTOR = 1.2
 CV_HIGH, CV_MEDIUM = 0.5, 0.3
 C_MIN_FOR_HIGH_CV, C_MIN_FOR_MEDIUM_CV, C_MIN_FOR_LOW_CV = 0.1, 0.3, 0.5
 
-# On CPU the fast path works through each tensor in blocks that stay in cache, with two
-# reused scratch blocks: the AGAR terms and the update then cost about one read of m and v
-# each instead of many passes over freshly allocated (page-faulting) temporaries.
+# The fast path handles tensors that fit in a block with foreach ops, in batches of about a
+# block; larger tensors go block by block through two reused scratch blocks. On CPU a block stays in cache, so the AGAR terms and
+# the update cost about one read of m and v each instead of several passes over freshly
+# allocated (page-faulting) full-size temporaries.
 CPU_BLOCK_NUMEL = 1 << 17
-# Elsewhere blocks only bound the scratch memory.
+# Elsewhere blocks bound the scratch memory and the foreach batch size.
 DEVICE_BLOCK_NUMEL = 1 << 24
 
 #: Keys of the calibration/confidence state (group dict in 'group' mode, state[p] otherwise).
@@ -188,36 +196,14 @@ class CASMO(HFOptimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        check_range("lr", lr, 0.0)
-        check_betas("betas", betas)
-        check_range("eps", eps, 0.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_choice("granularity", granularity, GRANULARITIES)
-        if isinstance(tau_init_steps, bool) or not isinstance(tau_init_steps, int):
-            raise ValueError(f"tau_init_steps must be an integer >= 1, got {tau_init_steps!r}")
-        check_range("tau_init_steps", tau_init_steps, 1)
-        if not isinstance(tau_clip_range, (tuple, list)) or len(tau_clip_range) != 2:
-            raise ValueError(
-                f"tau_clip_range must be a pair (low, high) with 0 <= low <= high <= 1, "
-                f"got {tau_clip_range!r}"
-            )
-        check_range("tau_clip_range[0]", tau_clip_range[0], 0.0, 1.0)
-        check_range("tau_clip_range[1]", tau_clip_range[1], tau_clip_range[0], 1.0)
-        check_range("tau_dead_zone", tau_dead_zone, 0.0, 1.0)
-        check_range("c_min", c_min, 0.0, 1.0)
-        if agar_clamp_factor is not None:
-            check_range("agar_clamp_factor", agar_clamp_factor, 0.0, low_open=True)
-        check_choice("center", center, CENTERS)
-        check_choice("adaptive_c_min", adaptive_c_min, (False, True))
-        check_choice("agar_bias_correction", agar_bias_correction, (False, True))
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             granularity=granularity,
             tau_init_steps=tau_init_steps,
-            tau_clip_range=tuple(tau_clip_range),
+            tau_clip_range=tau_clip_range,
             tau_dead_zone=tau_dead_zone,
             c_min=c_min,
             agar_clamp_factor=agar_clamp_factor,
@@ -226,7 +212,13 @@ class CASMO(HFOptimizer):
             agar_bias_correction=agar_bias_correction,
             foreach=foreach,
         )
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, and a group's own hyperparameters are checked like the constructor's."""
+        _check_hyperparameters({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _init_group(
         self,
@@ -266,28 +258,6 @@ class CASMO(HFOptimizer):
             group.update(_new_calibration_state(group, first.device, steps[0].dtype))
         return bool(params)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, except that per-tensor calibration state ('parameter' mode) keeps its
-        float32-or-wider dtype: torch casts every floating state entry but ``step`` to the
-        parameter's dtype, which would round a bfloat16 model's calibration window."""
-        saved_state = state_dict["state"]
-        calibration = {
-            index: {k: v for k, v in entries.items() if k in CALIBRATION_KEYS}
-            for index, entries in saved_state.items()
-        }
-        moments_only = {
-            index: {k: v for k, v in entries.items() if k not in CALIBRATION_KEYS}
-            for index, entries in saved_state.items()
-        }
-        super().load_state_dict({**state_dict, "state": moments_only})
-        saved_indices = (i for g in state_dict["param_groups"] for i in g["params"])
-        params = (p for g in self.param_groups for p in g["params"])
-        for index, p in zip(saved_indices, params, strict=False):
-            for key, value in calibration.get(index, {}).items():
-                self.state[p][key] = value.to(
-                    device=p.device, dtype=accumulation_dtype(p.dtype), copy=True
-                )
-
     def _step(self, loss: Any) -> None:
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -303,12 +273,44 @@ class CASMO(HFOptimizer):
                 _summarise_parameters(group, params, holders)
 
 
+def _check_hyperparameters(values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter and its valid values."""
+    lr, betas, eps = values["lr"], values["betas"], values["eps"]
+    weight_decay, granularity = values["weight_decay"], values["granularity"]
+    tau_init_steps, tau_clip_range = values["tau_init_steps"], values["tau_clip_range"]
+    tau_dead_zone, c_min = values["tau_dead_zone"], values["c_min"]
+    agar_clamp_factor, center = values["agar_clamp_factor"], values["center"]
+    adaptive_c_min, agar_bias_correction = values["adaptive_c_min"], values["agar_bias_correction"]
+    check_range("lr", lr, 0.0)
+    check_betas("betas", betas)
+    check_range("eps", eps, 0.0)
+    check_range("weight_decay", weight_decay, 0.0)
+    check_choice("granularity", granularity, GRANULARITIES)
+    if isinstance(tau_init_steps, bool) or not isinstance(tau_init_steps, int):
+        raise ValueError(f"tau_init_steps must be an integer >= 1, got {tau_init_steps!r}")
+    check_range("tau_init_steps", tau_init_steps, 1)
+    if not isinstance(tau_clip_range, (tuple, list)) or len(tau_clip_range) != 2:
+        raise ValueError(
+            f"tau_clip_range must be a pair (low, high) with 0 <= low <= high <= 1, "
+            f"got {tau_clip_range!r}"
+        )
+    check_range("tau_clip_range[0]", tau_clip_range[0], 0.0, 1.0)
+    check_range("tau_clip_range[1]", tau_clip_range[1], tau_clip_range[0], 1.0)
+    check_range("tau_dead_zone", tau_dead_zone, 0.0, 1.0)
+    check_range("c_min", c_min, 0.0, 1.0)
+    if agar_clamp_factor is not None:
+        check_range("agar_clamp_factor", agar_clamp_factor, 0.0, low_open=True)
+    check_choice("center", center, CENTERS)
+    check_choice("adaptive_c_min", adaptive_c_min, (False, True))
+    check_choice("agar_bias_correction", agar_bias_correction, (False, True))
+
+
 # -- calibration, DDEA and confidence: 0-d tensor math shared by both paths -----------------
 def _new_calibration_state(
     group: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> dict[str, Tensor]:
-    def scalar(value: float) -> Tensor:
-        return torch.tensor(value, dtype=dtype, device=device)
+    def scalar(value: float) -> Tensor:  # a fill, not a host-to-device copy
+        return torch.full((), value, dtype=dtype, device=device)
 
     return {
         "agar": scalar(0.0),
@@ -545,20 +547,22 @@ def _blocks(tensors: list[Tensor], block_numel: int) -> list[tuple[Tensor, ...]]
     ]
 
 
-def _partition(
-    tensors: list[Tensor], dtype: torch.dtype, block_numel: int
-) -> tuple[list[list[int]], list[int]]:
-    """Split tensor indices into batches for the foreach ops (tensors of the statistics dtype
-    that fit in a block, packed up to about a block per batch so that a batch stays in cache
-    on CPU) and the rest, which go block by block through scratch buffers."""
+def _partition(tensors: list[Tensor], block_numel: int) -> tuple[list[list[int]], list[int]]:
+    """Split tensor indices into batches for the foreach ops (tensors of one dtype that fit in
+    a block, packed up to about a block per batch so that a batch stays in cache on CPU) and
+    the larger tensors, which go block by block through scratch buffers."""
     batches: list[list[int]] = []
     large: list[int] = []
     batch_numel = 0
     for index, tensor in enumerate(tensors):
-        if tensor.numel() > block_numel or tensor.dtype != dtype:
+        if tensor.numel() > block_numel:
             large.append(index)
             continue
-        if not batches or batch_numel + tensor.numel() > block_numel:
+        if (
+            not batches
+            or batch_numel + tensor.numel() > block_numel
+            or tensors[batches[-1][0]].dtype != tensor.dtype
+        ):
             batches.append([])
             batch_numel = 0
         batches[-1].append(index)
@@ -592,7 +596,7 @@ def _multi_tensor_casmo(
     bias_correction2 = 1 - torch.pow(beta2, step_vector)
 
     block_numel = CPU_BLOCK_NUMEL if device.type == "cpu" else DEVICE_BLOCK_NUMEL
-    batches, large = _partition(exp_avgs, stat_dtype, block_numel)
+    batches, large = _partition(exp_avgs, block_numel)
     blocks = {i: _blocks([exp_avgs[i], exp_avg_sqs[i]], block_numel) for i in large}
     update_blocks = {
         i: _blocks([params[i], exp_avgs[i], exp_avg_sqs[i]], block_numel) for i in large
@@ -621,8 +625,9 @@ def _multi_tensor_casmo(
         abs_m_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         v_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         for batch in batches:
-            abs_m = torch._foreach_norm(pick(exp_avgs, batch), 1)
-            v_sum = torch._foreach_norm(pick(exp_avg_sqs, batch), 1)  # v >= 0: 1-norm == sum
+            abs_m = torch._foreach_norm(pick(exp_avgs, batch), 1, dtype=stat_dtype)
+            # v >= 0: its 1-norm is its sum
+            v_sum = torch._foreach_norm(pick(exp_avg_sqs, batch), 1, dtype=stat_dtype)
             for index, a, b in zip(batch, abs_m, v_sum, strict=True):
                 abs_m_sums[index], v_sums[index] = a, b
         for index in large:
@@ -654,18 +659,19 @@ def _multi_tensor_casmo(
     ratio_sums: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     for batch in batches:
         ms, vs = pick(exp_avgs, batch), pick(exp_avg_sqs, batch)
-        signal = torch._foreach_mul(ms, ms)
+        if ms[0].dtype == stat_dtype:
+            signal = torch._foreach_mul(ms, ms)
+            total_power = torch._foreach_mul(vs, 1.0)  # a copy
+        else:  # narrower moments: the AGAR terms in the statistics dtype
+            signal = [m.to(stat_dtype) for m in ms]
+            torch._foreach_mul_(signal, signal)
+            total_power = [v.to(stat_dtype) for v in vs]
         if group["agar_bias_correction"]:
             torch._foreach_mul_(signal, pick(m_scales_squared, batch))
-            total_power = torch._foreach_mul(vs, pick(v_scales_list, batch))
-            if clamps:
-                torch._foreach_clamp_max_(total_power, pick(v_bounds, batch))
-        elif clamps:
-            total_power = torch._foreach_minimum(vs, pick(v_bounds, batch))
-        else:
-            total_power = torch._foreach_mul(vs, 1.0)
+            torch._foreach_mul_(total_power, pick(v_scales_list, batch))
         if clamps:
             torch._foreach_clamp_max_(signal, pick(m_bounds_squared, batch))
+            torch._foreach_clamp_max_(total_power, pick(v_bounds, batch))
         torch._foreach_sub_(total_power, eps)
         torch._foreach_maximum_(total_power, signal)
         torch._foreach_add_(total_power, 2 * eps)
@@ -714,7 +720,11 @@ def _multi_tensor_casmo(
     inverse_sqrt_bc2 = bias_correction2.rsqrt().to(params[0].device).unbind()
     for batch in batches:
         ps, ms = pick(params, batch), pick(exp_avgs, batch)
-        direction = torch._foreach_sqrt(pick(exp_avg_sqs, batch))
+        if ms[0].dtype == stat_dtype:
+            direction = torch._foreach_sqrt(pick(exp_avg_sqs, batch))
+        else:
+            direction = [v.to(stat_dtype) for v in pick(exp_avg_sqs, batch)]
+            torch._foreach_sqrt_(direction)
         torch._foreach_mul_(direction, pick(inverse_sqrt_bc2, batch))
         torch._foreach_add_(direction, eps)
         direction = torch._foreach_div(ms, direction)

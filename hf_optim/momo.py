@@ -81,8 +81,13 @@ def _check_flag(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _flat(tensor: Tensor) -> Tensor:
+    return tensor.reshape(-1)
+
+
 def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """:math:`\\langle x, y\\rangle` as a 0-d tensor accumulated in ``dtype`` (float32 or wider).
+    """:math:`\\langle x, y\\rangle` of two flat tensors as a 0-d tensor accumulated in ``dtype``
+    (float32 or wider).
 
     One pass, no temporary for float32/float64. bfloat16/float16 inputs are widened first
     (their products are exact in float32); summing them in their own dtype would make the
@@ -90,23 +95,14 @@ def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if x.dtype != dtype:
         x, y = x.to(dtype), y.to(dtype)
-    return torch.dot(x.reshape(-1), y.reshape(-1))
+    return torch.dot(x, y)
 
 
-def _restore_wide_state(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple) -> None:
-    """Undo torch's cast of every floating state entry to the parameter dtype for ``keys``
-    (statistics kept in float32 or wider), and copy the loaded state so that later in-place
-    updates never write into the caller's ``state_dict``."""
-    saved_state = state_dict["state"]
-    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
-        for param_id, p in zip(saved_group["params"], group["params"], strict=True):
-            if p not in optimizer.state:
-                continue
-            state = optimizer.state[p]
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    saved = saved_state[param_id][key] if key in keys else value
-                    state[key] = saved.to(device=value.device, copy=True)
+def _group_sums(dots: list[Tensor], grad_dot_ws: list[Tensor], norms: Tensor | list[Tensor]):
+    """[sum(<d,x> - gamma), sum(gamma), sum(norm)] from per-parameter terms, as vector ops."""
+    gamma = torch.stack(grad_dot_ws)
+    norms = norms if isinstance(norms, Tensor) else torch.stack(norms)
+    return torch.stack([(torch.stack(dots) - gamma).sum(), gamma.sum(), norms.sum()])
 
 
 def _global_statistics(
@@ -117,6 +113,23 @@ def _global_statistics(
         if "step" in group:
             return group["step"], group["loss_avg"], group.get("fstar")
     return None, None, None
+
+
+def _begin_step(
+    optimizer: HFOptimizer, groups: list[dict[str, Any]], first: Tensor, loss: Any
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """The global quantities Momo and MomoAdam share at the start of a step:
+    (this step's count, the loss as a tensor, the previous loss average or None, fstar)."""
+    previous_step, loss_avg, fstar = _global_statistics(groups)
+    if previous_step is None:
+        dtype, device = _statistics_dtype(groups), first.device
+        previous_step = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        dtype, device = loss_avg.dtype, loss_avg.device
+    if fstar is None:
+        fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
+    loss = optimizer._loss_tensor(loss, fstar).to(dtype)
+    return previous_step + 1, loss, loss_avg, fstar
 
 
 def _statistics_dtype(groups: list[dict[str, Any]]) -> torch.dtype:
@@ -231,10 +244,6 @@ class Momo(HFOptimizer):
         )
         super().__init__(params, defaults)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _restore_wide_state(self, state_dict, ("grad_dot_w",))
-
     def _init_group(
         self,
         group: dict[str, Any],
@@ -257,7 +266,7 @@ class Momo(HFOptimizer):
                     state["grad_dot_w"] = torch.zeros((), dtype=dtype, device=p.device)
                 else:
                     state["grad_avg"] = p.grad.clone(memory_format=torch.preserve_format)
-                    state["grad_dot_w"] = _inner(p, p.grad, dtype)
+                    state["grad_dot_w"] = _inner(_flat(p), _flat(p.grad), dtype)
             params.append(p)
             grads.append(p.grad)
             grad_avgs.append(state["grad_avg"])
@@ -274,16 +283,8 @@ class Momo(HFOptimizer):
         if first is None:
             return  # no gradients anywhere: nothing to do, no state to advance
 
-        previous_step, loss_avg, fstar = _global_statistics(groups)
-        if previous_step is None:
-            dtype, device = _statistics_dtype(groups), first.device
-            previous_step = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            dtype, device = loss_avg.dtype, loss_avg.device
-        if fstar is None:
-            fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
-        step = previous_step + 1
-        loss = self._loss_tensor(loss, fstar).to(dtype)
+        step, loss, loss_avg, fstar = _begin_step(self, groups, first, loss)
+        dtype, device = loss.dtype, loss.device
         # the loss average is global: it uses the last group's beta (upstream MomoAdam's rule)
         average_beta = groups[-1]["beta"]
         if loss_avg is None:
@@ -334,10 +335,11 @@ def _single_tensor_momo_sums(
     for p, grad, grad_avg, grad_dot_w in zip(params, grads, grad_avgs, grad_dot_ws, strict=True):
         wide = grad_dot_w.dtype
         grad_avg.lerp_(grad, 1.0 - beta)
-        grad_dot_w.lerp_(_inner(p, grad, wide), 1.0 - beta)
-        dot_minus_gamma.append((_inner(p, grad_avg, wide) - grad_dot_w).to(dtype))
+        flat_p, flat_avg = _flat(p), _flat(grad_avg)
+        grad_dot_w.lerp_(_inner(flat_p, _flat(grad), wide), 1.0 - beta)
+        dot_minus_gamma.append((_inner(flat_p, flat_avg, wide) - grad_dot_w).to(dtype))
         gamma.append(grad_dot_w.to(dtype))
-        norm.append(_inner(grad_avg, grad_avg, wide).to(dtype))
+        norm.append(_inner(flat_avg, flat_avg, wide).to(dtype))
     return torch.stack([torch.stack(column).sum() for column in (dot_minus_gamma, gamma, norm)])
 
 
@@ -363,12 +365,12 @@ def _multi_tensor_momo_sums(
 ) -> Tensor:
     torch._foreach_lerp_(grad_avgs, grads, 1.0 - beta)
     wides = [grad_dot_w.dtype for grad_dot_w in grad_dot_ws]
-    grad_dots = [_inner(p, g, w) for p, g, w in zip(params, grads, wides, strict=True)]
+    flat_params, flat_avgs = [_flat(p) for p in params], [_flat(a) for a in grad_avgs]
+    grad_dots = [_inner(p, _flat(g), w) for p, g, w in zip(flat_params, grads, wides, strict=True)]
     torch._foreach_lerp_(grad_dot_ws, grad_dots, 1.0 - beta)
-    dots = [_inner(p, a, w) for p, a, w in zip(params, grad_avgs, wides, strict=True)]
-    norms = [_inner(a, a, w) for a, w in zip(grad_avgs, wides, strict=True)]
-    columns = (torch._foreach_sub(dots, grad_dot_ws), grad_dot_ws, norms)
-    return torch.stack([torch.stack([x.to(dtype) for x in column]).sum() for column in columns])
+    dots = [_inner(p, a, w) for p, a, w in zip(flat_params, flat_avgs, wides, strict=True)]
+    norms = [_inner(a, a, w) for a, w in zip(flat_avgs, wides, strict=True)]
+    return _group_sums(dots, grad_dot_ws, norms).to(dtype)
 
 
 def _multi_tensor_momo_update(

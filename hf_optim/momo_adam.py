@@ -46,12 +46,17 @@ Deviations from momo-opt 0.1.0, and why:
 * The step size is computed on the device (no ``.item()``, no Python comparison of tensors):
   ``step()`` never waits for the device and compiles without graph breaks. A zero norm gives
   :math:`\tau_k = 0` instead of 0/0.
-* :math:`D_k` is computed once per step and reused by the update (upstream computes it twice,
-  with temporaries each time): the bias correction is folded into
-  :math:`\sqrt{v} + \epsilon\sqrt{1-\beta_2^t}` and a scalar.
+* The direction :math:`d_k/D_k` is formed once per step, into one buffer, and reused by the
+  norm and the update (upstream computes :math:`D_k` twice, with temporaries each time). On
+  CPU and CUDA the multi-tensor path forms it with torch's fused Adam kernel, applied with
+  ``lr=1`` to a zero buffer (which also updates :math:`d` and :math:`v` in the same pass):
+  the buffer then holds :math:`-d/((1-\beta_1^t)D)`. Elsewhere, and in the reference loop,
+  the bias correction is folded into :math:`\sqrt{v} + \epsilon\sqrt{1-\beta_2^t}` and a
+  per-parameter scalar.
 * All partial sums of a step are finished by one call of
   :func:`hf_optim._reduce.finish_sums`, the hook for sharded training.
 * The loss may also come from a closure or :meth:`set_loss`, and may be a Python float.
+* ``weight_decay`` must be ``>= 0`` (upstream does not check it) and the flags must be bools.
 """
 
 from __future__ import annotations
@@ -65,12 +70,12 @@ from torch import Tensor
 from ._base import HFOptimizer, check_betas, check_range
 from ._reduce import accumulation_dtype, finish_sums
 from .momo import (
+    _begin_step,
     _check_flag,
-    _global_statistics,
+    _flat,
+    _group_sums,
     _inner,
     _polyak_step_sizes,
-    _restore_wide_state,
-    _statistics_dtype,
     _store_global_statistics,
 )
 
@@ -132,10 +137,6 @@ class MomoAdam(HFOptimizer):
         )
         super().__init__(params, defaults)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _restore_wide_state(self, state_dict, ("grad_dot_w",))
-
     def _init_group(self, group: dict[str, Any], lists: tuple[list[Tensor], ...]) -> None:
         params, grads, grad_avgs, grad_avg_sqs, grad_dot_ws, steps = lists
         for p in group["params"]:
@@ -169,16 +170,8 @@ class MomoAdam(HFOptimizer):
         if first is None:
             return  # no gradients anywhere: nothing to do, no state to advance
 
-        previous_step, loss_avg, fstar = _global_statistics(groups)
-        if previous_step is None:
-            dtype, device = _statistics_dtype(groups), first.device
-            previous_step = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            dtype, device = loss_avg.dtype, loss_avg.device
-        if fstar is None:
-            fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
-        step = previous_step + 1
-        loss = self._loss_tensor(loss, fstar).to(dtype)
+        step, loss, loss_avg, fstar = _begin_step(self, groups, first, loss)
+        dtype, device = loss.dtype, loss.device
         if loss_avg is None:
             loss_avg = torch.zeros_like(loss)
         beta1_of_average = groups[-1]["betas"][0]  # upstream: the last group's beta1
@@ -247,14 +240,15 @@ def _single_tensor_momo_adam_sums(
         step.add_(1)
         grad_avg.lerp_(grad, 1.0 - beta1)
         grad_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        grad_dot_w.lerp_(_inner(p, grad, wide), 1.0 - beta1)
+        flat_p, flat_avg = _flat(p), _flat(grad_avg)
+        grad_dot_w.lerp_(_inner(flat_p, _flat(grad), wide), 1.0 - beta1)
         # D = sqrt(v / (1 - beta2^t)) + eps = (sqrt(v) + eps * s) / s with s = sqrt(1 - beta2^t)
         scale = (1.0 - beta2 ** step.to(wide)).sqrt()
         direction = grad_avg_sq.sqrt().add_(eps * scale)
         torch.div(grad_avg, direction, out=direction)  # d / D = scale * direction
-        dot_minus_gamma.append((_inner(p, grad_avg, wide) - grad_dot_w).to(dtype))
+        dot_minus_gamma.append((_inner(flat_p, flat_avg, wide) - grad_dot_w).to(dtype))
         gamma.append(grad_dot_w.to(dtype))
-        norm.append((scale * _inner(grad_avg, direction, wide)).to(dtype))
+        norm.append((scale * _inner(flat_avg, _flat(direction), wide)).to(dtype))
         directions.append(direction)
         scales.append(scale)
     sums = torch.stack([torch.stack(column).sum() for column in (dot_minus_gamma, gamma, norm)])
@@ -292,34 +286,34 @@ def _multi_tensor_momo_adam_sums(
     beta2: float,
     eps: float,
     dtype: torch.dtype,
-) -> tuple[Tensor, tuple[list[Tensor], list[Tensor]]]:
+) -> tuple[Tensor, tuple[list[Tensor], Tensor]]:
+    # per-parameter scalars (steps, scales, inner products) are handled as stacked vectors
     wides = [grad_dot_w.dtype for grad_dot_w in grad_dot_ws]
-    grad_dots = [_inner(p, g, w) for p, g, w in zip(params, grads, wides, strict=True)]
+    wide = torch.float64 if torch.float64 in wides else torch.float32
+    flat_params = [_flat(p) for p in params]
+    grad_dots = [_inner(p, _flat(g), w) for p, g, w in zip(flat_params, grads, wides, strict=True)]
     torch._foreach_add_(steps, 1)
+    exponents = torch.stack(steps).to(wide)
     if _fused_direction_supported(params):
-        directions, scales = _fused_moments_and_direction(
+        directions = _fused_moments_and_direction(
             grads, grad_avgs, grad_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
         )
+        scales = beta1**exponents - 1.0  # d/D = -(1 - beta1^t) * direction
     else:
         torch._foreach_lerp_(grad_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(grad_avg_sqs, beta2)
         torch._foreach_addcmul_(grad_avg_sqs, grads, grads, value=1.0 - beta2)
-        # s = sqrt(1 - beta2^t) per parameter; D = (sqrt(v) + eps * s) / s
-        exponents = [step.to(w) for step, w in zip(steps, wides, strict=True)]
-        scales = torch._foreach_pow(beta2, exponents)
-        torch._foreach_neg_(scales)
-        torch._foreach_add_(scales, 1.0)
-        torch._foreach_sqrt_(scales)
+        # s = sqrt(1 - beta2^t); D = (sqrt(v) + eps * s) / s, so d/D = s * d / (sqrt(v) + eps s)
+        scales = (1.0 - beta2**exponents).sqrt()
         directions = torch._foreach_sqrt(grad_avg_sqs)
-        torch._foreach_add_(directions, torch._foreach_mul(scales, eps))
+        torch._foreach_add_(directions, list((eps * scales).unbind(0)))
         for grad_avg, direction in zip(grad_avgs, directions, strict=True):
             torch.div(grad_avg, direction, out=direction)  # one pass, no temporary
     torch._foreach_lerp_(grad_dot_ws, grad_dots, 1.0 - beta1)
-    dots = [_inner(p, a, w) for p, a, w in zip(params, grad_avgs, wides, strict=True)]
-    norms = [_inner(a, u, w) for a, u, w in zip(grad_avgs, directions, wides, strict=True)]
-    torch._foreach_mul_(norms, scales)
-    columns = (torch._foreach_sub(dots, grad_dot_ws), grad_dot_ws, norms)
-    sums = torch.stack([torch.stack([x.to(dtype) for x in column]).sum() for column in columns])
+    flat_avgs = [_flat(a) for a in grad_avgs]
+    dots = [_inner(p, a, w) for p, a, w in zip(flat_params, flat_avgs, wides, strict=True)]
+    norms = [_inner(a, _flat(u), w) for a, u, w in zip(flat_avgs, directions, wides, strict=True)]
+    sums = _group_sums(dots, grad_dot_ws, torch.stack(norms) * scales).to(dtype)
     return sums, (directions, scales)
 
 
@@ -342,7 +336,7 @@ def _fused_moments_and_direction(
     beta1: float,
     beta2: float,
     eps: float,
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> list[Tensor]:
     """Update d and v and form the direction in one fused pass over memory.
 
     torch's fused Adam kernel, applied with lr=1 to zero buffers u instead of the parameters,
@@ -365,17 +359,13 @@ def _fused_moments_and_direction(
         amsgrad=False,
         maximize=False,
     )
-    wides = [accumulation_dtype(g.dtype) for g in grads]
-    exponents = [step.to(w) for step, w in zip(steps, wides, strict=True)]
-    scales = torch._foreach_pow(beta1, exponents)  # -(1 - beta1^t) = beta1^t - 1
-    torch._foreach_sub_(scales, 1.0)
-    return directions, scales
+    return directions
 
 
 def _multi_tensor_momo_adam_update(
     params: list[Tensor],
     directions: list[Tensor],
-    scales: list[Tensor],
+    scales: Tensor,
     *,
     tau: Tensor,
     decay: float,
@@ -383,6 +373,6 @@ def _multi_tensor_momo_adam_update(
 ) -> None:
     if decay != 0.0 and not divide:
         torch._foreach_mul_(params, 1.0 - decay)
-    torch._foreach_addcmul_(params, directions, torch._foreach_mul(scales, -tau))
+    torch._foreach_addcmul_(params, directions, list((scales * -tau).unbind(0)))
     if decay != 0.0 and divide:
         torch._foreach_div_(params, 1.0 + decay)

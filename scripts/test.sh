@@ -14,5 +14,5 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 bash scripts/install_upstream.sh
 python -m ruff check .
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m pytest -q "$@"

@@ -14,7 +14,19 @@ import torch
 from hf_optim import AutoSGM
 from hf_optim.autosgm import window_factor
 
-FOREACH = [False, True]
+
+@pytest.fixture(params=["reference", "foreach", "cpu-blocks"])
+def foreach(request, monkeypatch) -> bool:
+    """Each test taking ``foreach`` runs on the three paths: the single-tensor reference, the
+    foreach path (used off CPU) and the cache-blocked CPU path, in blocks that split tensors."""
+    import hf_optim.autosgm as module
+
+    if request.param == "foreach":
+        monkeypatch.setattr(module, "_CPU_BLOCK", None)
+    elif request.param == "cpu-blocks":
+        monkeypatch.setattr(module, "_CPU_BLOCK", 4)
+        monkeypatch.setattr(module, "_CPU_SMALL", 1)
+    return request.param != "reference"
 
 
 def make_params(seed: int = 0, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -54,7 +66,6 @@ def assert_same_trajectory(make_a, make_b, steps: int = 15, **tolerance) -> None
 
 
 # -- anchors ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("foreach", FOREACH)
 def test_num_lrc_0_without_window_is_adam(foreach: bool) -> None:
     assert_same_trajectory(
         lambda p: AutoSGM(p, lr=1e-2, num_lrc=0, eps=1e-8, eps_inside_sqrt=False, foreach=foreach),
@@ -64,7 +75,6 @@ def test_num_lrc_0_without_window_is_adam(foreach: bool) -> None:
     )
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
 def test_coupled_decay_is_adam_l2_and_tuples_agree(foreach: bool) -> None:
     assert_same_trajectory(
         lambda p: AutoSGM(
@@ -81,7 +91,6 @@ def test_coupled_decay_is_adam_l2_and_tuples_agree(foreach: bool) -> None:
     )
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
 def test_decoupled_decay_mapping_is_adamw(foreach: bool) -> None:
     decay, beta_i = 0.05, 0.9
     assert_same_trajectory(
@@ -124,7 +133,6 @@ def autosgm_trajectory(steps: int, **kwargs) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
 def test_heavy_ball_setting_is_polyaks_recurrence(foreach: bool) -> None:
     alpha, beta, steps = 0.05, 0.8, 30
     ours = autosgm_trajectory(
@@ -139,7 +147,6 @@ def test_heavy_ball_setting_is_polyaks_recurrence(foreach: bool) -> None:
         torch.testing.assert_close(ours[t], w, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
 def test_nesterov_setting_is_nesterovs_recurrence(foreach: bool) -> None:
     alpha, beta, steps = 0.05, 0.8, 30
     ours = autosgm_trajectory(
@@ -200,7 +207,6 @@ def numerator_oracle(num_lrc: int, steps: int, lr=1e-2, beta_n=0.99, cf=4.0, eps
     return history
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("num_lrc", [2, 3, 4])
 def test_numerators_follow_the_spec_recurrences(num_lrc: int, foreach: bool) -> None:
     gradient, start = quadratic()
@@ -237,7 +243,6 @@ def test_num_lrc_1_is_an_alias_of_0_that_warns() -> None:
         )
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
 def test_maximize_equals_minimizing_the_negated_objective(foreach: bool) -> None:
     base = make_params()
     pa, pb = clone(base), clone(base)
@@ -568,3 +573,20 @@ def test_cpu_blocked_path_passes_the_battery(monkeypatch, check: str) -> None:
     monkeypatch.setattr(module, "_CPU_SMALL", 1)
     for case in CASES:
         getattr(battery, check)(case)
+
+
+@pytest.mark.parametrize("path", ["reference", "foreach", "cpu-blocks"])
+@pytest.mark.parametrize("num_lrc", [0, 3])
+def test_zero_lr_is_a_true_no_op(monkeypatch, path: str, num_lrc: int) -> None:
+    """A scheduler's warm-up from 0 (or a window at a floor of 0) must not move the weights."""
+    import hf_optim.autosgm as module
+
+    monkeypatch.setattr(module, "_CPU_BLOCK", None if path == "foreach" else 8)
+    monkeypatch.setattr(module, "_CPU_SMALL", 1)
+    params = clone(make_params())
+    before = [p.detach().clone() for p in params]
+    optimizer = AutoSGM(params, lr=0.0, num_lrc=num_lrc, foreach=path != "reference")
+    run(optimizer, params, 3)
+    for p, q in zip(params, before, strict=True):
+        assert torch.equal(p, q)
+    assert float(optimizer.param_groups[0]["lr_effective"]) == 0.0

@@ -488,3 +488,46 @@ def test_fast_path_matches_reference_on_non_contiguous_and_blocked_tensors(
     torch.testing.assert_close(fast_confidence, ref_confidence, rtol=1e-12, atol=1e-14)
     for p, q in zip(fast, ref, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "override,name",
+    [
+        ({"granularity": "layer"}, "granularity"),
+        ({"c_min": -0.1}, "c_min"),
+        ({"center": 1}, "center"),
+    ],
+)
+def test_param_group_hyperparameters_are_checked(override, name) -> None:
+    first, second = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=name):
+        CASMO([{"params": [first]}, {"params": [second], **override}])
+    optimizer = CASMO([first])
+    with pytest.raises(ValueError, match=name):
+        optimizer.add_param_group({"params": [second], **override})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("granularity", ["group", "parameter"])
+def test_bfloat16_fast_path_agrees_with_reference(granularity) -> None:
+    """Small bfloat16 tensors take the foreach batches, with AGAR terms upcast to float32."""
+    runs = []
+    for foreach in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16))
+            for s in [(16, 8), (8,), (0, 2)]
+        ]
+        optimizer = CASMO(params, granularity=granularity, tau_init_steps=3, foreach=foreach)
+        agars = []
+        for _ in range(6):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 0.1 + 0.05).to(torch.bfloat16)
+            optimizer.step()
+            agars.append(optimizer.param_groups[0]["agar"].clone())
+        runs.append((params, torch.stack(agars)))
+    (ref_params, ref_agars), (fast_params, fast_agars) = runs
+    assert fast_agars.dtype == torch.float32
+    torch.testing.assert_close(fast_agars, ref_agars, rtol=1e-5, atol=1e-6)
+    for p, q in zip(fast_params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-2)
