@@ -86,15 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def contender_table(steps: int) -> str:
     lines = [
-        "| name | optim | optim_args | lr | Trainer scheduler | warm-up | weight decay | why |",
-        "|---|---|---|---|---|---|---|---|",
+        "| name | optim | optim_args | lr | Trainer scheduler | warm-up | weight decay | "
+        "max_grad_norm | why |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for contender in CONTENDERS.values():
         lines.append(
             f"| {contender.name} | `{contender.optim}` | "
             f"`{contender.resolved_optim_args(steps) or ''}` | {contender.learning_rate:g} | "
             f"{contender.lr_scheduler_type} | {contender.warmup_ratio:g} | "
-            f"{contender.weight_decay:g} | {contender.why} |"
+            f"{contender.weight_decay:g} | {contender.max_grad_norm:g} | {contender.why} |"
         )
     return "\n".join(lines)
 

@@ -44,7 +44,7 @@ def greedy_answers(
         positions = torch.tensor([len(ids) for ids in encoded], device=device)
         rows = torch.arange(len(encoded), device=device)
         for _ in range(max_new_tokens):
-            logits = model(input_ids=buffer).logits
+            logits = model(input_ids=buffer, attention_mask=torch.ones_like(buffer)).logits
             buffer[rows, positions] = logits[rows, positions - 1].argmax(dim=-1)
             positions += 1
         for ids, row in zip(encoded, buffer.tolist(), strict=True):

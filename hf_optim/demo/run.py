@@ -25,7 +25,7 @@ class DemoConfig:
     steps: int = 1000
     noise_rate: float = 0.3
     seed: int = 0
-    train_size: int = 4000
+    train_size: int = 2000
     eval_size: int = 512
     #: size of the clean and noisy training subsets scored during training
     probe_size: int = 256
@@ -97,7 +97,10 @@ def _build_model(tokenizer: CharTokenizer, config: DemoConfig, max_length: int) 
 
 
 def _trainer_class() -> type:
-    from transformers import Trainer
+    # hf_optim.Trainer builds the hf-optim optimizers from ``optim``/``optim_args``, feeds
+    # Momo/MomoAdam the loss, tells schedule-owning optimizers the run's length and logs the
+    # optimizers' statistics; for ``adamw_torch`` it is the stock Trainer.
+    from hf_optim import Trainer
 
     return Trainer
 
