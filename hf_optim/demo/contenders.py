@@ -86,7 +86,7 @@ CONTENDERS: dict[str, Contender] = {
             learning_rate=1e-2,
             optim_args=lambda steps: {"tau_init_steps": max(10, steps // 20)},
             why="Adam scaled by a confidence <= 1, so AdamW's schedule; calibration over 5% "
-            "of the steps (the seed's B2 rule); lr from {3e-3, 1e-2}",
+            "of the steps (the seed's B2 rule); lr from {3e-3, 1e-2, 3e-2}",
         ),
         Contender(
             name="autosgm",
