@@ -143,3 +143,12 @@ def test_demo_runs_end_to_end_in_reduced_size(tmp_path, capsys):
     assert len(table.splitlines()) == 2 + len(optimizers)
     png = (tmp_path / "learning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_demo_is_deterministic_in_its_seed(tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        main(["--quick", "--optimizers", "adamw", "--output-dir", str(tmp_path / name)])
+        runs.append(json.loads((tmp_path / name / "results.json").read_text())["results"][0])
+    for key in ("eval_loss", "exact_match", "train_noisy_loss", "curves"):
+        assert runs[0][key] == runs[1][key], key

@@ -91,9 +91,12 @@ def _build_model(tokenizer: CharTokenizer, config: DemoConfig, max_length: int) 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        loss_type="ForCausalLM",
     )
-    return GPT2LMHeadModel(model_config)
+    model = GPT2LMHeadModel(model_config)
+    # transformers derives the loss from the class name, which "GPT2LMHeadModel" does not
+    # match; name it to skip a warning (the loss is the same causal-LM cross-entropy).
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def _trainer_class() -> type:
