@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,7 @@ def run_demo(
             )
         results.append(result)
     report = {
-        "config": asdict(replace(config)),
+        "config": asdict(config),
         "data": {
             "train_size": len(splits.train),
             "eval_size": len(splits.eval),
