@@ -301,14 +301,20 @@ def noise_seed(seed: int, group_index: int, param_index: int, step: int) -> int:
 _CACHE = threading.local()
 
 
-def _scale_and_add_noise(targets: list[Tensor], seeds: list[int], std: float, scale: float) -> None:
+def _scale_and_add_noise(
+    targets: list[Tensor],
+    seeds: list[int],
+    std: float,
+    scale: float,
+    numerators: list[Tensor],
+) -> None:
     generators: dict[torch.device, torch.Generator] | None = getattr(_CACHE, "generators", None)
     if generators is None:
         generators = _CACHE.generators = {}
     # one scratch buffer per step instead of a fresh noise tensor per parameter: on CPU every
     # freshly allocated page costs a fault, which is as expensive as several passes
     scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-    for target, seed in zip(targets, seeds, strict=True):
+    for index, (target, seed) in enumerate(zip(targets, seeds, strict=True)):
         generator = generators.get(target.device)
         if generator is None:
             generator = generators[target.device] = torch.Generator(device=target.device)
@@ -319,30 +325,44 @@ def _scale_and_add_noise(targets: list[Tensor], seeds: list[int], std: float, sc
             scratch[key] = torch.empty(size, dtype=target.dtype, device=target.device)
         noise = scratch[key][: target.numel()].view(target.shape)
         noise.normal_(0.0, std, generator=generator)  # logical order, whatever the strides
-        torch.add(noise, target, alpha=scale, out=target)
+        if not numerators:
+            torch.add(noise, target, alpha=scale, out=target)
+        else:
+            # the ratio, its scaling and the noise in one pass over memory
+            torch.addcdiv(noise, numerators[index], target, value=scale, out=target)
 
 
 # torch.compile cannot trace a seeded torch.Generator, so under compilation the draw is one
 # opaque custom op (no graph break, no host synchronisation); eager calls skip its dispatch.
 @torch.library.custom_op("hf_optim::amac_scale_and_add_noise_", mutates_args=("targets",))
 def _scale_and_add_noise_op(
-    targets: list[Tensor], seeds: list[int], std: float, scale: float
+    targets: list[Tensor], seeds: list[int], std: float, scale: float, numerators: list[Tensor]
 ) -> None:
-    _scale_and_add_noise(targets, seeds, std, scale)
+    _scale_and_add_noise(targets, seeds, std, scale, numerators)
 
 
 @_scale_and_add_noise_op.register_fake
-def _(targets: list[Tensor], seeds: list[int], std: float, scale: float) -> None:
+def _(
+    targets: list[Tensor], seeds: list[int], std: float, scale: float, numerators: list[Tensor]
+) -> None:
     return None
 
 
-def scale_and_add_noise_(targets: list[Tensor], seeds: list[int], std: float, scale: float) -> None:
-    """``target = scale * target + N(0, std^2)`` for each target, in place; the noise of each
+def scale_and_add_noise_(
+    targets: list[Tensor],
+    seeds: list[int],
+    std: float,
+    scale: float,
+    numerators: list[Tensor] | None = None,
+) -> None:
+    """``target = scale * target + N(0, std^2)`` for each target, in place, or with
+    ``numerators`` ``target = scale * numerator / target + N(0, std^2)``; the noise of each
     target is a pure function of its seed."""
+    numerators = [] if numerators is None else numerators
     if torch.compiler.is_compiling():
-        _scale_and_add_noise_op(targets, seeds, std, scale)
+        _scale_and_add_noise_op(targets, seeds, std, scale, numerators)
     else:
-        _scale_and_add_noise(targets, seeds, std, scale)
+        _scale_and_add_noise(targets, seeds, std, scale, numerators)
 
 
 # -- the optimizer -----------------------------------------------------------------------
@@ -779,11 +799,13 @@ def _multi_tensor_amac(
         # u = momentum u + lr delta is a single lerp.
         scale = lr / (1.0 - momentum)
         steps = denoms  # fresh buffers: overwrite them with the steps
-        for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
-            torch.div(exp_avg, buffer, out=buffer)
         if noise_std > 0:
-            scale_and_add_noise_(steps, noise_seeds, noise_std * scale, step_size / (1 - momentum))
+            scale_and_add_noise_(
+                steps, noise_seeds, noise_std * scale, step_size / (1 - momentum), exp_avgs
+            )
         else:
+            for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
+                torch.div(exp_avg, buffer, out=buffer)
             torch._foreach_mul_(steps, step_size / (1.0 - momentum))
         if clip_value is not None:
             bound = clip_value * scale

@@ -201,7 +201,7 @@ def test_state_dict_is_weights_only_safe(case: OptimizerCase) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_resume_is_bitwise(case: OptimizerCase, dtype: torch.dtype = torch.float64) -> None:
+def test_resume_is_bitwise(case: OptimizerCase, dtype: torch.dtype) -> None:
     total, split = 14, 6
     params = make_params(dtype)
     optimizer = case.make(param_groups(case, params))
