@@ -295,6 +295,23 @@ def noise_seed(seed: int, group_index: int, param_index: int, step: int) -> int:
     return mixed >> 1
 
 
+# Large CPU tensors get their noise drawn and used block by block, so that the noise never
+# leaves the cache. torch's CPU normal_ draws in runs of 16, so blocks that are multiples of 16
+# (and a last block of at least 16) give exactly the values of one draw over the whole tensor.
+_NOISE_BLOCK = 1 << 16
+
+
+def _noise_blocks(numel: int) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    while start < numel:
+        stop = min(start + _NOISE_BLOCK, numel)
+        if numel - stop < 16:
+            stop = numel
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 # One generator per device and thread, reseeded before every draw: a cache that carries no
 # state (the noise is a function of the seeds alone), private to each thread so that optimizers
 # stepping in parallel threads cannot interleave a seeding and a draw.
@@ -307,18 +324,40 @@ def _scale_and_add_noise(
     std: float,
     scale: float,
     numerators: list[Tensor],
+    bound: float = math.inf,
 ) -> None:
     generators: dict[torch.device, torch.Generator] | None = getattr(_CACHE, "generators", None)
     if generators is None:
         generators = _CACHE.generators = {}
     # one scratch buffer per step instead of a fresh noise tensor per parameter: on CPU every
     # freshly allocated page costs a fault, which is as expensive as several passes
-    scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    scratch: dict[tuple, Tensor] = {}
     for index, (target, seed) in enumerate(zip(targets, seeds, strict=True)):
         generator = generators.get(target.device)
         if generator is None:
             generator = generators[target.device] = torch.Generator(device=target.device)
         generator.manual_seed(seed)
+        if (
+            numerators
+            and target.device.type == "cpu"
+            and target.numel() > _NOISE_BLOCK
+            and target.is_contiguous()
+            and numerators[index].is_contiguous()
+        ):
+            flat_target, flat_numerator = target.view(-1), numerators[index].view(-1)
+            block_key = ("block", target.device, target.dtype)
+            if block_key not in scratch:
+                scratch[block_key] = torch.empty(
+                    _NOISE_BLOCK + 16, dtype=target.dtype, device=target.device
+                )
+            for start, stop in _noise_blocks(target.numel()):
+                noise = scratch[block_key][: stop - start]
+                noise.normal_(0.0, std, generator=generator)
+                out = flat_target[start:stop]
+                torch.addcdiv(noise, flat_numerator[start:stop], out, value=scale, out=out)
+                if bound != math.inf:
+                    out.clamp_(-bound, bound)  # while the block is still in cache
+            continue
         key = (target.device, target.dtype)
         if key not in scratch:
             size = max(t.numel() for t in targets if (t.device, t.dtype) == key)
@@ -330,20 +369,32 @@ def _scale_and_add_noise(
         else:
             # the ratio, its scaling and the noise in one pass over memory
             torch.addcdiv(noise, numerators[index], target, value=scale, out=target)
+        if bound != math.inf:
+            target.clamp_(-bound, bound)
 
 
 # torch.compile cannot trace a seeded torch.Generator, so under compilation the draw is one
 # opaque custom op (no graph break, no host synchronisation); eager calls skip its dispatch.
 @torch.library.custom_op("hf_optim::amac_scale_and_add_noise_", mutates_args=("targets",))
 def _scale_and_add_noise_op(
-    targets: list[Tensor], seeds: list[int], std: float, scale: float, numerators: list[Tensor]
+    targets: list[Tensor],
+    seeds: list[int],
+    std: float,
+    scale: float,
+    numerators: list[Tensor],
+    bound: float,
 ) -> None:
-    _scale_and_add_noise(targets, seeds, std, scale, numerators)
+    _scale_and_add_noise(targets, seeds, std, scale, numerators, bound)
 
 
 @_scale_and_add_noise_op.register_fake
 def _(
-    targets: list[Tensor], seeds: list[int], std: float, scale: float, numerators: list[Tensor]
+    targets: list[Tensor],
+    seeds: list[int],
+    std: float,
+    scale: float,
+    numerators: list[Tensor],
+    bound: float,
 ) -> None:
     return None
 
@@ -354,15 +405,16 @@ def scale_and_add_noise_(
     std: float,
     scale: float,
     numerators: list[Tensor] | None = None,
+    bound: float = math.inf,
 ) -> None:
     """``target = scale * target + N(0, std^2)`` for each target, in place, or with
-    ``numerators`` ``target = scale * numerator / target + N(0, std^2)``; the noise of each
-    target is a pure function of its seed."""
+    ``numerators`` ``target = scale * numerator / target + N(0, std^2)``, then clamped to
+    ``[-bound, bound]``; the noise of each target is a pure function of its seed."""
     numerators = [] if numerators is None else numerators
     if torch.compiler.is_compiling():
-        _scale_and_add_noise_op(targets, seeds, std, scale, numerators)
+        _scale_and_add_noise_op(targets, seeds, std, scale, numerators, bound)
     else:
-        _scale_and_add_noise(targets, seeds, std, scale, numerators)
+        _scale_and_add_noise(targets, seeds, std, scale, numerators, bound)
 
 
 # -- the optimizer -----------------------------------------------------------------------
@@ -799,18 +851,18 @@ def _multi_tensor_amac(
         # u = momentum u + lr delta is a single lerp.
         scale = lr / (1.0 - momentum)
         steps = denoms  # fresh buffers: overwrite them with the steps
+        bound = math.inf if clip_value is None else clip_value * scale
         if noise_std > 0:
             scale_and_add_noise_(
-                steps, noise_seeds, noise_std * scale, step_size / (1 - momentum), exp_avgs
+                steps, noise_seeds, noise_std * scale, step_size / (1 - momentum), exp_avgs, bound
             )
         else:
             for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
                 torch.div(exp_avg, buffer, out=buffer)
             torch._foreach_mul_(steps, step_size / (1.0 - momentum))
-        if clip_value is not None:
-            bound = clip_value * scale
-            for step in steps:
-                step.clamp_(-bound, bound)
+            if clip_value is not None:
+                for step in steps:
+                    step.clamp_(-bound, bound)
         if momentum_buffers is None:
             torch._foreach_sub_(params, steps)
         else:

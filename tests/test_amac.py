@@ -518,3 +518,42 @@ def test_train_in_train_mode_touches_nothing() -> None:
         optimizer.train()
     assert [p._version for p in params] == versions  # no in-place write to any parameter
     assert [set(optimizer.state[p]) for p in params] == state_keys
+
+
+def test_blocked_noise_path_matches_the_reference_on_large_tensors() -> None:
+    """Tensors larger than one noise block take the cache-blocked fused path (noise, ratio and
+    clipping per block); it must give the reference path's noise and steps, contiguous or not."""
+    from hf_optim import amac as amac_module
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(amac_module._NOISE_BLOCK * 2 + 21,), (300, 300)]
+    runs = []
+    for foreach in (False, True):
+        params = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            for shape in shapes
+        ]
+        params.append(
+            torch.randn(300, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).T
+        )
+        params = [p.requires_grad_() for p in params]
+        optimizer = AMaC(
+            params,
+            total_steps=20,
+            lr=1e-2,
+            warmup_steps=2,
+            noise_factor=0.5,
+            clip_value=0.5,
+            lookahead_k=3,
+            swa_start=2,
+            foreach=foreach,
+        )
+        gen.manual_seed(3)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            optimizer.step()
+        runs.append(params)
+    assert runs[1][0].numel() > amac_module._NOISE_BLOCK and not runs[1][2].is_contiguous()
+    for reference, fast in zip(*runs, strict=True):
+        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-11)
