@@ -552,3 +552,25 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 def safe_name(text: str) -> str:
     """A file-name-safe version of ``text``."""
     return _SAFE_NAME.sub("_", text).strip("_")
+
+
+def start_run(
+    argument_classes: tuple[type, ...], argv: list[str] | None
+) -> tuple[tuple[Any, ...], str]:
+    """What every recipe does first: parse the arguments (the last class is the
+    TrainingArguments), set up logging, check the distributed backend against the optimizer,
+    log the choice and seed everything. Returns the parsed dataclasses and the backend."""
+    parsed = parse_arguments(argument_classes, argv)
+    training_args = parsed[-1]
+    run_args = next((a for a in parsed if isinstance(a, RunArguments)), None)
+    setup_logging(training_args)
+    prepare_training_arguments(training_args)
+    backend = check_backend(training_args, run_args)
+    logger.info(
+        "optim=%s optim_args=%s backend=%s",
+        optim_name(training_args),
+        training_args.optim_args,
+        backend,
+    )
+    transformers.set_seed(training_args.seed)
+    return parsed, backend

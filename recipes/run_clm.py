@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402  (imports hf_optim first, which registers the optim names)
 from _common import LoraArguments, ModelArguments, RunArguments  # noqa: E402
-from transformers import TrainingArguments, default_data_collator, set_seed  # noqa: E402
+from transformers import TrainingArguments, default_data_collator  # noqa: E402
 
 logger = logging.getLogger("hf_optim.recipes.run_clm")
 
@@ -155,19 +155,9 @@ def tokenize_into_blocks(raw: Any, tokenizer: Any, data_args: DataArguments) -> 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, lora_args, data_args, run_args, training_args = _common.parse_arguments(
+    (model_args, lora_args, data_args, run_args, training_args), backend = _common.start_run(
         (ModelArguments, LoraArguments, DataArguments, RunArguments, TrainingArguments), argv
     )
-    _common.setup_logging(training_args)
-    _common.prepare_training_arguments(training_args)
-    backend = _common.check_backend(training_args, run_args)
-    logger.info(
-        "optim=%s optim_args=%s backend=%s",
-        _common.optim_name(training_args),
-        training_args.optim_args,
-        backend,
-    )
-    set_seed(training_args.seed)
 
     raw = load_raw_splits(data_args)
     if model_args.tokenizer_name_or_path == CHAR_TOKENIZER:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (imports hf_optim first, which registers the optim names)
 import torch  # noqa: E402
 from _common import LoraArguments, ModelArguments, RunArguments  # noqa: E402
-from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, TrainingArguments  # noqa: E402
 
 from hf_optim.tasks import (  # noqa: E402
     EXACT_MATCH_METRIC_PATH,
@@ -223,19 +223,9 @@ def generate_responses(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, lora_args, data_args, run_args, training_args = _common.parse_arguments(
+    (model_args, lora_args, data_args, run_args, training_args), backend = _common.start_run(
         (ModelArguments, LoraArguments, DataArguments, RunArguments, TrainingArguments), argv
     )
-    _common.setup_logging(training_args)
-    _common.prepare_training_arguments(training_args)
-    backend = _common.check_backend(training_args, run_args)
-    logger.info(
-        "optim=%s optim_args=%s backend=%s",
-        _common.optim_name(training_args),
-        training_args.optim_args,
-        backend,
-    )
-    set_seed(training_args.seed)
 
     train_records, held_out = build_instruction_splits(data_args, training_args.seed)
     summary = noise_summary(train_records)
