@@ -332,18 +332,20 @@ def _scale_and_add_noise(
     # one scratch buffer per step instead of a fresh noise tensor per parameter: on CPU every
     # freshly allocated page costs a fault, which is as expensive as several passes
     scratch: dict[tuple, Tensor] = {}
+    blocked = [
+        bool(numerators)
+        and target.device.type == "cpu"
+        and target.numel() > _NOISE_BLOCK
+        and target.is_contiguous()
+        and numerators[index].is_contiguous()
+        for index, target in enumerate(targets)
+    ]
     for index, (target, seed) in enumerate(zip(targets, seeds, strict=True)):
         generator = generators.get(target.device)
         if generator is None:
             generator = generators[target.device] = torch.Generator(device=target.device)
         generator.manual_seed(seed)
-        if (
-            numerators
-            and target.device.type == "cpu"
-            and target.numel() > _NOISE_BLOCK
-            and target.is_contiguous()
-            and numerators[index].is_contiguous()
-        ):
+        if blocked[index]:
             flat_target, flat_numerator = target.view(-1), numerators[index].view(-1)
             block_key = ("block", target.device, target.dtype)
             if block_key not in scratch:
@@ -360,7 +362,12 @@ def _scale_and_add_noise(
             continue
         key = (target.device, target.dtype)
         if key not in scratch:
-            size = max(t.numel() for t in targets if (t.device, t.dtype) == key)
+            # sized for the tensors drawn whole; the blocked ones never touch it
+            size = max(
+                t.numel()
+                for t, is_blocked in zip(targets, blocked, strict=True)
+                if not is_blocked and (t.device, t.dtype) == key
+            )
             scratch[key] = torch.empty(size, dtype=target.dtype, device=target.device)
         noise = scratch[key][: target.numel()].view(target.shape)
         noise.normal_(0.0, std, generator=generator)  # logical order, whatever the strides
