@@ -131,3 +131,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- TRL: a tokenizer and a model that need no download ------------------------------------------
+
+CHAR_VOCAB = {"<eos>": 0, "<pad>": 1, **{chr(c): i + 2 for i, c in enumerate(range(32, 127))}}
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer over printable ASCII, with eos and pad tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab=CHAR_VOCAB, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_char_gpt2(seed: int = 0) -> Any:
+    """A tiny GPT-2 for :func:`char_tokenizer` (context 64)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(CHAR_VOCAB),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def save_tiny_char_model(path: str) -> str:
+    """Save :func:`tiny_char_gpt2` and its tokenizer to ``path`` (loadable by name)."""
+    tiny_char_gpt2().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def expected_loss_average(losses: list[float], beta: float, bias_correction: bool) -> list[float]:
+    """Momo's loss average after each step, from the losses it was given: an exponential
+    average that starts at the first loss (or at 0 with bias correction)."""
+    averages, average = [], None
+    for loss in losses:
+        if average is None:
+            average = 0.0 if bias_correction else loss
+            if not bias_correction:
+                averages.append(average)
+                continue
+        average = beta * average + (1 - beta) * loss
+        averages.append(average)
+    return averages

@@ -2,7 +2,7 @@
 
 One launch runs every check, to pay the ~6 s ``import transformers`` once per process: for each
 optimizer a 4-step ``hf_optim.Trainer`` run with gradient accumulation 2, the stock Trainer with
-``optim="momo"`` (forward-hook path), and a negative control in which Momo gets its rank-local
+``optim="momo"``, and a negative control in which Momo gets its rank-local
 loss. Each rank writes ``rank<r>.json``: a hash of its final parameters, the losses the
 loss-aware optimizers received, and the losses the Trainer logged.
 """
@@ -80,12 +80,15 @@ def main(out_dir: str) -> None:
             results[f"mixin/{name}"] = run(name, hf_optim.Trainer, scratch)
         results["stock/momo"] = run("momo", transformers.Trainer, scratch)
         # Negative control: without the average over ranks the replicas must drift apart.
-        import hf_optim.hf.trainer as glue
+        import hf_optim.hf._loss as loss_plumbing
 
-        glue.mean_over_ranks = lambda value: value.detach()
+        loss_plumbing._mean_over_ranks = lambda value, accelerator: value
         results["control/momo_rank_local_loss"] = run("momo", hf_optim.Trainer, scratch)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(results, handle)
+    # gloo aborts at exit now and then unless the process group is gone first.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 import hf_optim
 from hf_optim import OPTIMIZERS
 from hf_optim.hf import OptimArgsError, argument_specs, parse_optim_args
-from hf_optim.hf._schema import split_optim_args, training_arguments_kwargs
+from hf_optim.hf._build import optimizer_kwargs
+from hf_optim.hf._schema import split_optim_args
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -87,7 +88,8 @@ def test_registration_is_idempotent():
     hf_optim.register_hf_optimizers()
     after = (len(OptimizerNames), len(transformers.trainer_optimizer._OPTIMIZER_HANDLERS))
     assert before == after
-    assert hf_optim.hf.registration_status() == {"names": "ok", "handlers": "ok"}
+    assert hf_optim.hf.registration_status() == {"names": "ok", "handlers": "ok", "trainer": "ok"}
+    assert transformers.Trainer.create_optimizer._hf_optim_wrapped
 
 
 def test_missing_internals_give_actionable_error():
@@ -306,7 +308,7 @@ def test_training_arguments_mapping(tmp_path):
         adam_epsilon=1e-6,
     )
     for name, info in OPTIMIZERS.items():
-        mapped = training_arguments_kwargs(name, args)
+        mapped, _ = optimizer_kwargs(name, args)
         specs = argument_specs(info.load())
         assert mapped.get("lr") == (3e-3 if "lr" in specs else None)
         if "betas" in specs and "adam_beta1" in info.hf_arguments:
@@ -329,10 +331,12 @@ from transformers import TrainingArguments
 print(TrainingArguments(output_dir='x', optim='casmo').optim.value)
 from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
 print(all(name in _OPTIMIZER_HANDLERS for name in hf_optim.OPTIMIZERS))
+from transformers import Trainer
+print(getattr(Trainer.create_optimizer, '_hf_optim_wrapped', False))
 print(any('Registering' in type(finder).__name__ for finder in sys.meta_path))
 """
     result = subprocess.run(
         [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["False", "False", "casmo", "True", "False"]
+    assert result.stdout.split() == ["False", "False", "casmo", "True", "True", "False"]

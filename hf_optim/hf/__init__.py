@@ -3,7 +3,8 @@
 Importing this package does not import transformers; each name below loads its module (and
 transformers) on first use. The ``optim=`` names are registered by ``import hf_optim`` (see
 :mod:`hf_optim.hf._autoregister`); :func:`register_hf_optimizers` does it explicitly and raises
-when the installed transformers cannot be extended.
+when the installed transformers cannot be extended. ``python -m hf_optim SCRIPT.py`` runs an
+unmodified script with the names registered.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ _EXPORTS = {
     "OptimNameArgumentsMixin": "trainer",
     "OptimizerStatsCallback": "trainer",
     "export_averaged_weights": "trainer",
-    "LossFeeder": "accelerate",
+    "LossFeeder": "_loss",
+    "LossWindow": "_loss",
+    "attach": "trainer",
     "register_hf_optimizers": "_register",
     "registration_status": "_register",
     "HFOptimRegistrationError": "_register",
     "SUPPORTED_TRANSFORMERS": "_register",
-    "ForwardLossCapture": "_build",
     "build_optimizer": "_build",
     "optimizer_kwargs": "_build",
     "optimizer_cls_and_kwargs": "_build",

@@ -2,13 +2,14 @@
 
 ``import hf_optim`` must stay fast and torch-only, so it cannot import transformers. Instead:
 
-* if ``transformers.training_args`` / ``transformers.trainer_optimizer`` are already imported,
-  the names and handlers are registered at once;
-* otherwise a small ``sys.meta_path`` finder waits for those two modules and registers right
+* if ``transformers.training_args``, ``transformers.trainer_optimizer`` and
+  ``transformers.trainer`` are already imported, the names, handlers and the Trainer wrapper
+  are registered at once;
+* otherwise a small ``sys.meta_path`` finder waits for those three modules and registers right
   after each finishes executing, before the user's ``TrainingArguments(optim="casmo")``,
   ``HfArgumentParser`` or unpickling of a ``training_args.bin`` can run.
 
-The finder only wraps the loaders of those two module names; it removes itself once both have
+The finder only wraps the loaders of those three module names; it removes itself once all have
 been seen. A failure to register is turned into a warning here (an import hook must never break
 ``import transformers``); :func:`hf_optim.hf.register_hf_optimizers` raises it.
 
@@ -30,6 +31,7 @@ __all__ = ["install"]
 
 TRAINING_ARGS_MODULE = "transformers.training_args"
 TRAINER_OPTIMIZER_MODULE = "transformers.trainer_optimizer"
+TRAINER_MODULE = "transformers.trainer"
 
 _lock = threading.RLock()
 
@@ -46,9 +48,16 @@ def _on_trainer_optimizer(module: ModuleType) -> None:
     register_handlers(module, strict=False)
 
 
+def _on_trainer(module: ModuleType) -> None:
+    from ._register import register_trainer
+
+    register_trainer(module, strict=False)
+
+
 _CALLBACKS: dict[str, Callable[[ModuleType], None]] = {
     TRAINING_ARGS_MODULE: _on_training_args,
     TRAINER_OPTIMIZER_MODULE: _on_trainer_optimizer,
+    TRAINER_MODULE: _on_trainer,
 }
 
 

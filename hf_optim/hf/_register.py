@@ -4,10 +4,15 @@
 transformers has no plugin registry for optimizers: ``TrainingArguments.__post_init__`` runs
 ``OptimizerNames(self.optim)`` (a closed ``str`` Enum) and ``Trainer.get_optimizer_cls_and_kwargs``
 looks the name up in the module-level dict ``trainer_optimizer._OPTIMIZER_HANDLERS``. Registration
-therefore (1) adds one member per name to ``OptimizerNames`` and (2) adds one handler per name to
-that dict. Both are idempotent and feature-detected; when an internal is missing the error names
-the supported transformers versions and the fallback (``hf_optim.TrainingArguments`` and
-``hf_optim.Trainer``, which need no registration).
+therefore (1) adds one member per name to ``OptimizerNames``, (2) adds one handler per name to
+that dict and (3) wraps ``transformers.Trainer.create_optimizer``, the one method every Trainer
+subclass runs before training, so that the optimizer is fitted to the Trainer running it
+(:func:`hf_optim.hf.trainer.attach`: the loss for Momo at ``accelerator.backward``, the run's
+length, the schedule rule, statistics) and a malformed ``optim_args`` gets hf-optim's message
+instead of transformers' ``not enough values to unpack``. The wrapper does nothing for other
+optimizers. All three steps are idempotent and feature-detected; when an internal is missing the
+error names the supported transformers versions and the fallback (``hf_optim.TrainingArguments``
+and ``hf_optim.Trainer``, which need no registration).
 
 Why extend the Enum rather than subclass ``TrainingArguments``: only the Enum route covers every
 subclass of ``TrainingArguments`` (``Seq2SeqTrainingArguments``, TRL's configs), ``--optim casmo``
@@ -16,6 +21,7 @@ in ``HfArgumentParser``, ``set_optimizer()`` and the stock ``Trainer`` at once (
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from types import ModuleType
@@ -29,21 +35,22 @@ __all__ = [
     "register_hf_optimizers",
     "register_names",
     "register_handlers",
+    "register_trainer",
     "registration_status",
 ]
 
-#: The transformers versions whose internals this module was written against (tested: 5.23).
+#: The transformers versions whose internals this module was written against (tested: 5.24).
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 
 _FALLBACK = (
     "Fallback that needs no registration: use hf_optim.TrainingArguments (or add "
     "hf_optim.hf.OptimNameArgumentsMixin to your arguments class) with hf_optim.Trainer (or "
-    "hf_optim.hf.OptimizerTrainerMixin for TRL trainers), or pass "
+    "hf_optim.hf.OptimizerTrainerMixin for other Trainer classes), or pass "
     "Trainer(optimizer_cls_and_kwargs=(hf_optim.CASMO, {...}))."
 )
 
 _lock = threading.RLock()
-_status: dict[str, str | None] = {"names": None, "handlers": None}
+_status: dict[str, str | None] = {"names": None, "handlers": None, "trainer": None}
 
 
 class HFOptimRegistrationError(RuntimeError):
@@ -61,7 +68,7 @@ def _error(what: str, module: ModuleType | str) -> HFOptimRegistrationError:
     return HFOptimRegistrationError(
         f"hf-optim cannot register optim= names with transformers {version}: {what} "
         f"(in {name}). hf-optim supports transformers {SUPPORTED_TRANSFORMERS} (tested with "
-        f"5.23). {_FALLBACK}"
+        f"5.24). {_FALLBACK}"
     )
 
 
@@ -143,6 +150,46 @@ def register_handlers(module: ModuleType, *, strict: bool = True) -> bool:
         return True
 
 
+def register_trainer(module: ModuleType, *, strict: bool = True) -> bool:
+    """Wrap ``module.Trainer.create_optimizer`` (see the module docstring)."""
+    with _lock:
+        trainer_cls = getattr(module, "Trainer", None)
+        original = getattr(trainer_cls, "create_optimizer", None)
+        if original is None:
+            error = _error("Trainer.create_optimizer is missing", module)
+            _status["trainer"] = str(error)
+            if strict:
+                raise error
+            return False
+        if getattr(original, "_hf_optim_wrapped", False):
+            _status["trainer"] = "ok"
+            return True
+
+        @functools.wraps(original)
+        def create_optimizer(self: Any, model: Any = None) -> Any:
+            from ._build import current_trainer, optimizer_name
+            from ._schema import parse_optim_args
+            from .trainer import attach
+
+            name = optimizer_name(self.args)
+            if name is not None and self.optimizer is None:
+                # Before transformers' own optim_args splitting, which fails with a bare
+                # "not enough values to unpack".
+                parse_optim_args(name, self.args.optim_args)
+            token = current_trainer.set(self)
+            try:
+                optimizer = original(self, model)
+            finally:
+                current_trainer.reset(token)
+            attach(self)
+            return optimizer
+
+        create_optimizer._hf_optim_wrapped = True  # type: ignore[attr-defined]
+        trainer_cls.create_optimizer = create_optimizer
+        _status["trainer"] = "ok"
+        return True
+
+
 def register_hf_optimizers() -> None:
     """Register the names and handlers with transformers now, raising on failure. Idempotent.
 
@@ -153,8 +200,10 @@ def register_hf_optimizers() -> None:
     register_names(training_args, strict=True)
     trainer_optimizer = importlib.import_module("transformers.trainer_optimizer")
     register_handlers(trainer_optimizer, strict=True)
+    register_trainer(importlib.import_module("transformers.trainer"), strict=True)
 
 
 def registration_status() -> dict[str, str | None]:
-    """``{"names": ..., "handlers": ...}``: ``"ok"``, an error message, or ``None`` (not yet)."""
+    """``{"names": ..., "handlers": ..., "trainer": ...}``: ``"ok"``, an error message, or
+    ``None`` (not yet)."""
     return dict(_status)

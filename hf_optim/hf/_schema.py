@@ -32,7 +32,6 @@ __all__ = [
     "argument_specs",
     "parse_optim_args",
     "split_optim_args",
-    "training_arguments_kwargs",
 ]
 
 #: Options read by the Hugging Face glue itself (not constructor arguments):
@@ -312,35 +311,3 @@ def parse_optim_args(
                 f"{_valid_keys_message(info, specs)}"
             ) from None
     return kwargs, glue
-
-
-#: ``TrainingArguments`` field -> constructor argument it maps onto when both mean the same.
-_FIELD_TARGETS = {
-    "learning_rate": "lr",
-    "weight_decay": "weight_decay",
-    "adam_epsilon": "eps",
-}
-
-
-def training_arguments_kwargs(name: str, args: Any) -> dict[str, Any]:
-    """Constructor arguments taken from a ``TrainingArguments``-like object.
-
-    Only the fields listed in the registry record's ``hf_arguments`` are mapped, and only onto
-    arguments the constructor really has: ``learning_rate`` -> ``lr``, ``weight_decay`` ->
-    ``weight_decay``, ``adam_beta1``/``adam_beta2`` -> ``betas``, ``adam_epsilon`` -> ``eps``.
-    """
-    info = get_optimizer_info(name)
-    specs = argument_specs(info.load())
-    kwargs: dict[str, Any] = {}
-    for field_name in info.hf_arguments:
-        target = _FIELD_TARGETS.get(field_name)
-        if target is not None and target in specs and hasattr(args, field_name):
-            kwargs[target] = getattr(args, field_name)
-    if (
-        "adam_beta1" in info.hf_arguments
-        and "adam_beta2" in info.hf_arguments
-        and "betas" in specs
-        and hasattr(args, "adam_beta1")
-    ):
-        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
-    return kwargs
