@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "kernel", "compiler_available"]
+__all__ = ["Kernel", "kernel", "compiler_available", "COMPILE_FAILURES"]
+
+#: (kernel name, device type, error) for every compile that failed and fell back to eager
+COMPILE_FAILURES: list[tuple[str, str, str]] = []
 
 
 @functools.cache
@@ -93,6 +96,7 @@ class Kernel:
             if not _is_compile_failure(error):
                 raise
             self._failed_devices.add(device_type)
+            COMPILE_FAILURES.append((self.eager.__qualname__, device_type, repr(error)))
             warnings.warn(
                 f"hf_optim: compiling {self.eager.__qualname__} for {device_type} failed "
                 f"({type(error).__name__}: {error}); running it eagerly from now on",
