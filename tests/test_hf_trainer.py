@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def fed_losses(monkeypatch):
     return received
 
 
-@pytest.mark.parametrize("trainer_cls", [STOCK, hf_optim.Trainer], ids=["hook", "mixin"])
+@pytest.mark.parametrize("trainer_cls", [STOCK, hf_optim.Trainer], ids=["stock", "hf_optim"])
 @pytest.mark.parametrize("plain", [False, True], ids=["loss_kwargs", "plain_module"])
 def test_momo_gets_the_logged_loss_with_accumulation(trainer_cls, plain, fed_losses, tmp_path):
     model = PlainLM() if plain else tiny_gpt2()
@@ -153,21 +154,135 @@ def test_skipped_step_leaves_no_loss_behind(fed_losses, monkeypatch, tmp_path):
     assert fed_losses == logged[:1] + logged[2:]
 
 
-def test_stock_trainer_refuses_momo_when_the_hook_cannot_see_the_loss(tmp_path):
-    trainer = _trainer(STOCK, "momo", tmp_path, label_smoothing_factor=0.1)
-    with pytest.raises(RuntimeError, match="hf_optim.Trainer"):
-        trainer.train()
+class DoubledLoss(STOCK):
+    """A Trainer subclass with its own compute_loss (as TRL's trainers have)."""
 
-    class CustomLoss(STOCK):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return 2 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return 2 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    with pytest.raises(RuntimeError, match="CustomLoss overrides compute_loss"):
-        _trainer(CustomLoss, "momo", tmp_path).train()
-    # The mixin feeds the smoothed loss the Trainer backpropagates instead.
-    trainer = _trainer(hf_optim.Trainer, "momo", tmp_path, label_smoothing_factor=0.1)
+
+@pytest.mark.parametrize(
+    ("trainer_cls", "overrides"),
+    [(STOCK, {"label_smoothing_factor": 0.1}), (DoubledLoss, {})],
+    ids=["label_smoothing", "custom_compute_loss"],
+)
+def test_any_trainer_feeds_the_loss_it_backpropagates(trainer_cls, overrides, fed_losses, tmp_path):
+    """The loss is taken at accelerator.backward, so a loss the model never computes (label
+    smoothing, an overridden compute_loss) reaches Momo too, and equals the logged loss."""
+    trainer = _trainer(
+        trainer_cls,
+        "momo",
+        tmp_path,
+        dataset=ToyLM(16),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        **overrides,
+    )
     trainer.train()
-    assert all(math.isfinite(x) for x in train_losses(trainer))
+    logged = train_losses(trainer)
+    assert len(fed_losses) == 2 and fed_losses == logged
+    if trainer_cls is DoubledLoss:
+        assert logged[0] > 2 * 4.0  # twice the cross-entropy of a fresh 96-token model
+
+
+def test_no_hook_and_no_trainer_kept_alive(tmp_path):
+    """Issue 9 item 12: Trainers with Momo leave nothing on the model (the old forward hook held
+    the Trainer and its optimizer), and a Trainer is freed once dropped."""
+    import gc
+    import weakref
+
+    model = tiny_gpt2()
+    references = []
+    for index in range(3):
+        trainer = _trainer(STOCK, "momo", tmp_path / str(index), model=model, max_steps=1)
+        trainer.train()
+        references.append(weakref.ref(trainer))
+        del trainer
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    gc.collect()
+    assert [ref() for ref in references] == [None, None, None]
+
+
+@pytest.mark.parametrize("trainer_cls", [STOCK, hf_optim.Trainer], ids=["stock", "hf_optim"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optim_args_key_wins(name, trainer_cls, tmp_path):
+    """Issue 9 item 2: lr, weight_decay, betas and eps from optim_args win over the Trainer's
+    arguments; weight decay applies to the decay group only."""
+    specs = hf_optim.hf.argument_specs(hf_optim.get_optimizer_class(name))
+    wanted = {"lr": 0.02, "weight_decay": 0.3, "betas": (0.7, 0.8), "eps": 1e-5}
+    given = {key: value for key, value in wanted.items() if key in specs}
+    text = ",".join(
+        f"{k}={':'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in given.items()
+    )
+    base = training_kwargs(name, "")["optim_args"]
+    trainer = _trainer(
+        trainer_cls,
+        name,
+        tmp_path,
+        optim_args=_joined(base, text),
+        weight_decay=0.05,
+        adam_beta1=0.85,
+        adam_beta2=0.9,
+        adam_epsilon=1e-7,
+    )
+    trainer.create_optimizer()
+    decay, no_decay = hf_optim.hf.unwrap_optimizer(trainer.optimizer).param_groups
+    for key, value in given.items():
+        assert decay[key] == pytest.approx(value), key
+        if key != "weight_decay":
+            assert no_decay[key] == pytest.approx(value), key
+    if "weight_decay" in given:
+        assert no_decay["weight_decay"] == 0.0
+    assert "lr" in given and "weight_decay" in given
+
+
+def test_amac_upstream_alias_wins(tmp_path):
+    """Issue 9 item 13: AMaC's upstream name wd in optim_args replaces the Trainer's
+    weight_decay (it used to fail with "give either 'wd' or 'weight_decay', not both")."""
+    trainer = _trainer(STOCK, "amac", tmp_path, optim_args="warmup_steps=1,wd=0.2")
+    trainer.create_optimizer()
+    decay, no_decay = hf_optim.hf.unwrap_optimizer(trainer.optimizer).param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "optim_args", "message"),
+    [
+        ("casmo", "c_min=5", "c_min"),
+        ("casmo", "granularity=grup", "granularity"),
+        ("amac", "warmup_steps=-5", "warmup_steps"),
+        ("momo", "beta=1.5", "beta"),
+    ],
+)
+def test_hf_optim_training_arguments_check_values_at_construction(
+    name, optim_args, message, tmp_path
+):
+    """Issue 9 item 13: bad values fail when the arguments are built, not at train()."""
+    with pytest.raises(ValueError, match=message):
+        hf_optim.TrainingArguments(output_dir=str(tmp_path), optim=name, optim_args=optim_args)
+
+
+def test_malformed_optim_args_get_hf_optim_message_with_stock_arguments(tmp_path):
+    """Issue 9 item 13: transformers' own splitter says "not enough values to unpack"."""
+    trainer = _trainer(STOCK, "casmo", tmp_path, optim_args="betas=0.9,0.999")
+    with pytest.raises(hf_optim.hf.OptimArgsError, match="not of the form key=value"):
+        trainer.create_optimizer()
+
+
+def test_negative_loss_trainers_warn_about_momo_lower_bound(tmp_path):
+    """GRPO-style losses can be negative: Momo's lb=0 then zeroes its step (warned at start)."""
+
+    class GRPOTrainer(STOCK):  # the name is what identifies a policy-gradient Trainer
+        pass
+
+    with pytest.warns(UserWarning, match="use_fstar=true"):
+        _trainer(GRPOTrainer, "momo", tmp_path).create_optimizer()
+    trainer = _trainer(GRPOTrainer, "momo", tmp_path, optim_args="lb=-10")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.create_optimizer()
+    assert not [w for w in caught if "lower bound" in str(w.message)]
 
 
 def _joined(*parts: str | None) -> str:
@@ -283,32 +398,6 @@ def test_amac_averaged_weights_for_eval_and_save(tmp_path):
     assert all(torch.equal(final[k], averaged[k]) for k in averaged)
     hf_optim.hf.unwrap_optimizer(trainer.optimizer).train()
     assert all(torch.equal(trainer.model.state_dict()[k], training_weights[k]) for k in trained)
-
-
-def test_forward_loss_capture_outside_a_trainer():
-    """The hook alone (no Trainer found) sums a window over Accelerate's sync flag."""
-    from types import SimpleNamespace
-
-    from accelerate.state import GradientState
-
-    model = torch.nn.Linear(2, 1)
-    optimizer = hf_optim.Momo(model.parameters())
-    args = SimpleNamespace(gradient_accumulation_steps=2, average_tokens_across_devices=False)
-    capture = hf_optim.hf.ForwardLossCapture(optimizer, args)
-    state = GradientState()
-    try:
-        for losses, expected in (([2.0, 4.0], 3.0), ([1.0, 5.0], 3.0)):
-            state._set_sync_gradients(False)
-            capture(model, (), {}, {"loss": torch.tensor(losses[0])})
-            assert optimizer._pending_loss is None
-            state._set_sync_gradients(True)
-            capture(model, (), {}, {"loss": torch.tensor(losses[1])})
-            assert float(optimizer._pending_loss) == expected
-            optimizer.clear_loss()
-        capture(model, (), {"num_items_in_batch": 8}, {"loss": torch.tensor(1.5)})
-        assert float(optimizer._pending_loss) == 1.5  # already normalised over the window
-    finally:
-        state._set_sync_gradients(True)
 
 
 def test_amac_evaluation_before_a_checkpoint_keeps_resume_bitwise(tmp_path):

@@ -175,7 +175,7 @@ def refuse_unsupported_backend(info: OptimizerInfo, backend: str | None, options
 
 def _scheduler_is_constant(args: Any) -> bool:
     kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    return kind == "constant" and not (args.warmup_steps or 0) and not (args.warmup_ratio or 0)
+    return kind == "constant" and not (args.warmup_steps or 0)  # warmup_steps < 1: a ratio
 
 
 def _own_schedule_active(optimizer: HFOptimizer, info: OptimizerInfo) -> bool:
