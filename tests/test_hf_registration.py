@@ -99,7 +99,7 @@ def test_missing_internals_give_actionable_error():
     with pytest.raises(hf_optim.hf.HFOptimRegistrationError) as error:
         register_names(fake, strict=True)
     message = str(error.value)
-    assert "supports transformers >=5.0,<6" in message and "hf_optim.TrainingArguments" in message
+    assert "supports transformers >=5.23,<6" in message and "hf_optim.TrainingArguments" in message
     fake.OptimizerNames = OptimizerNames
     with pytest.raises(hf_optim.hf.HFOptimRegistrationError, match="_OPTIMIZER_HANDLERS"):
         register_handlers(fake, strict=True)

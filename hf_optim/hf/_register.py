@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: The transformers versions whose internals this module was written against (tested: 5.24).
-SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+SUPPORTED_TRANSFORMERS = ">=5.23,<6"
 
 _FALLBACK = (
     "Fallback that needs no registration: use hf_optim.TrainingArguments (or add "
