@@ -103,3 +103,16 @@ def test_loss_feeder_without_accelerator():
     assert float(feeder.add(torch.tensor(9.0))) == 8.0
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         hf_optim.LossFeeder(optimizer, gradient_accumulation_steps=0)
+
+
+def test_missing_loss_error_names_loss_feeder(accelerator):
+    """Issue 9 item 14: in an Accelerate loop the error points to LossFeeder (step(loss=...)
+    would raise TypeError there), and step(closure, loss=x) is refused, not silently resolved."""
+    model = torch.nn.Linear(3, 1)
+    inner = hf_optim.Momo(model.parameters())
+    optimizer = accelerator.prepare(inner)
+    model(torch.ones(2, 3)).sum().backward()
+    with pytest.raises(ValueError, match="LossFeeder"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="not both"):
+        inner.step(lambda: torch.tensor(1.0), loss=torch.tensor(2.0))
