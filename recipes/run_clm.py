@@ -10,13 +10,17 @@ GPT-2 trained from a config, or any pretrained causal LM; full training or LoRA.
 The text is tokenized line by line (line breaks kept), concatenated and cut into blocks of
 ``--block_size`` tokens (HF ``run_clm`` style). Without a validation split, the last
 ``--validation_split_percentage`` percent of the training rows (a contiguous tail, as nanoGPT's
-90/10 split) are the validation set. Writes ``metrics.json`` (validation loss and perplexity),
-``log_history.jsonl``, ``train.log`` and the Trainer's checkpoints to ``--output_dir``.
+90/10 split) are the validation set. Writes the Trainer's own files to ``--output_dir``:
+``all_results.json`` (validation and test loss and perplexity), ``trainer_state.json`` (every
+log, the optimizer's statistics included) and the checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from itertools import chain
@@ -25,9 +29,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402  (imports hf_optim first, which registers the optim names)
-from _common import LoraArguments, ModelArguments, RunArguments  # noqa: E402
-from transformers import TrainingArguments, default_data_collator  # noqa: E402
+import _common  # noqa: E402
+import transformers  # noqa: E402
+import yaml  # noqa: E402
+from _common import LoraArguments, ModelArguments  # noqa: E402
+from transformers import HfArgumentParser, TrainingArguments, default_data_collator  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+import hf_optim  # noqa: E402,F401  (registers optim="casmo", ... before the arguments are parsed)
 
 logger = logging.getLogger("hf_optim.recipes.run_clm")
 
@@ -154,10 +163,48 @@ def tokenize_into_blocks(raw: Any, tokenizer: Any, data_args: DataArguments) -> 
     )
 
 
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Command-line flags, or a YAML/JSON config file (HfArgumentParser's ``parse_yaml_file`` /
+    ``parse_json_file``) optionally followed by flags that override its values."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or not argv[0].endswith((".yaml", ".yml", ".json")):
+        return parser.parse_args_into_dataclasses(argv)
+    config, flags = argv[0], argv[1:]
+    if not flags:
+        if config.endswith(".json"):
+            return parser.parse_json_file(config)
+        return parser.parse_yaml_file(config)
+    text = Path(config).read_text(encoding="utf-8")
+    values = json.loads(text) if config.endswith(".json") else yaml.safe_load(text)
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise ValueError(f"{config}: unknown arguments {unknown}")
+    parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(flags)
+
+
+def last_checkpoint(training_args: TrainingArguments) -> str | None:
+    """``--resume_from_checkpoint auto``: the latest checkpoint in ``output_dir``, if any."""
+    requested = training_args.resume_from_checkpoint
+    if requested != "auto":
+        return requested
+    if not os.path.isdir(training_args.output_dir):
+        return None
+    return get_last_checkpoint(training_args.output_dir)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    (model_args, lora_args, data_args, run_args, training_args), backend = _common.start_run(
-        (ModelArguments, LoraArguments, DataArguments, RunArguments, TrainingArguments), argv
-    )
+    model_args, lora_args, data_args, training_args = parse_arguments(argv)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    # Refuse an optimizer the launch's backend (FSDP, DeepSpeed ZeRO) cannot serve, before any
+    # data or model work: hf-optim's backend policy, the one its Trainer glue applies too.
+    hf_optim.hf.check_backend_at_start_up(training_args)
+    training_args.prediction_loss_only = True  # no compute_metrics: do not gather logits
+    transformers.set_seed(training_args.seed)
 
     raw = load_raw_splits(data_args)
     if model_args.tokenizer_name_or_path == CHAR_TOKENIZER:
@@ -191,20 +238,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     model = _common.apply_lora(model, lora_args)
 
-    trainer = _common.trainer_class()(
+    trainer = hf_optim.Trainer(
         model=model,
         args=training_args,
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=[_common.JsonlLogCallback(training_args.output_dir)],
     )
-    checkpoint = _common.resolve_checkpoint(training_args)
+    checkpoint = last_checkpoint(training_args)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
-    metrics: dict[str, Any] = {"recipe": "run_clm", "resumed_from": checkpoint, "backend": backend}
-    metrics.update(_common.run_description(training_args, model))
+    metrics: dict[str, Any] = {"recipe": "run_clm", "resumed_from": checkpoint}
+    metrics.update(
+        world_size=training_args.world_size,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
     metrics.update(train_result.metrics)
     metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     if "test" in blocks:
@@ -221,12 +271,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_eval_blocks=len(eval_blocks),
         global_step=trainer.state.global_step,
     )
-    _common.add_perplexities(metrics)
+    for key in [k for k in metrics if k.endswith("_loss")]:
+        loss = metrics[key]
+        metrics[key.removesuffix("_loss") + "_perplexity"] = (
+            math.exp(loss) if loss < 700 else math.inf
+        )
+    # The Trainer's own files: all_results.json (these metrics), trainer_state.json (every log).
     trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     trainer.save_state()
-    _common.write_metrics(trainer, metrics)
+    trainer.end()  # ends the trackers and destroys the process group (clean exit under gloo)
     return metrics
 
 
 if __name__ == "__main__":
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     main()

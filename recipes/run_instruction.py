@@ -9,7 +9,7 @@ corrupt or wrong_answer; see ``hf_optim.tasks.noise``); which ones is recorded p
     accelerate launch recipes/run_instruction.py recipes/configs/gsm8k_noisy_lora.yaml \\
         --optim casmo --output_dir runs/gsm8k_casmo
 
-Reports, in ``metrics.json``: held-out loss and perplexity, the loss on clean and on noisy
+Reports, in the Trainer's ``all_results.json`` (every log in ``trainer_state.json``): held-out loss and perplexity, the loss on clean and on noisy
 training examples (as trained, and the noisy ones against their original responses), and
 for GSM8K-style data the exact match of the final answer of greedy generations, computed with
 ``evaluate`` through the offline module ``hf_optim/tasks/exact_match_metric.py``.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -27,11 +29,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402  (imports hf_optim first, which registers the optim names)
+import _common  # noqa: E402
 import torch  # noqa: E402
-from _common import LoraArguments, ModelArguments, RunArguments  # noqa: E402
-from transformers import DataCollatorForSeq2Seq, TrainingArguments  # noqa: E402
+import transformers  # noqa: E402
+import yaml  # noqa: E402
+from _common import LoraArguments, ModelArguments  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser, TrainingArguments  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
+import hf_optim  # noqa: E402  (registers optim="casmo", ... before the arguments are parsed)
 from hf_optim.tasks import (  # noqa: E402
     EXACT_MATCH_METRIC_PATH,
     NOISE_TYPES,
@@ -222,10 +228,48 @@ def generate_responses(
     return responses
 
 
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Command-line flags, or a YAML/JSON config file (HfArgumentParser's ``parse_yaml_file`` /
+    ``parse_json_file``) optionally followed by flags that override its values."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or not argv[0].endswith((".yaml", ".yml", ".json")):
+        return parser.parse_args_into_dataclasses(argv)
+    config, flags = argv[0], argv[1:]
+    if not flags:
+        if config.endswith(".json"):
+            return parser.parse_json_file(config)
+        return parser.parse_yaml_file(config)
+    text = Path(config).read_text(encoding="utf-8")
+    values = json.loads(text) if config.endswith(".json") else yaml.safe_load(text)
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise ValueError(f"{config}: unknown arguments {unknown}")
+    parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(flags)
+
+
+def last_checkpoint(training_args: TrainingArguments) -> str | None:
+    """``--resume_from_checkpoint auto``: the latest checkpoint in ``output_dir``, if any."""
+    requested = training_args.resume_from_checkpoint
+    if requested != "auto":
+        return requested
+    if not os.path.isdir(training_args.output_dir):
+        return None
+    return get_last_checkpoint(training_args.output_dir)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    (model_args, lora_args, data_args, run_args, training_args), backend = _common.start_run(
-        (ModelArguments, LoraArguments, DataArguments, RunArguments, TrainingArguments), argv
-    )
+    model_args, lora_args, data_args, training_args = parse_arguments(argv)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    # Refuse an optimizer the launch's backend (FSDP, DeepSpeed ZeRO) cannot serve, before any
+    # data or model work: hf-optim's backend policy, the one its Trainer glue applies too.
+    hf_optim.hf.check_backend_at_start_up(training_args)
+    training_args.prediction_loss_only = True  # no compute_metrics: do not gather logits
+    transformers.set_seed(training_args.seed)
 
     train_records, held_out = build_instruction_splits(data_args, training_args.seed)
     summary = noise_summary(train_records)
@@ -270,25 +314,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = _common.apply_lora(model, lora_args)
 
-    trainer = _common.trainer_class()(
+    trainer = hf_optim.Trainer(
         model=model,
         args=training_args,
         train_dataset=train_features,
         eval_dataset=eval_sets,
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_common.JsonlLogCallback(training_args.output_dir)],
     )
-    checkpoint = _common.resolve_checkpoint(training_args)
+    checkpoint = last_checkpoint(training_args)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
 
     metrics: dict[str, Any] = {
         "recipe": "run_instruction",
         "resumed_from": checkpoint,
-        "backend": backend,
     }
-    metrics.update(_common.run_description(training_args, model))
+    metrics.update(
+        world_size=training_args.world_size,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
     metrics.update(train_result.metrics)
     metrics.update(trainer.evaluate())
     metrics.update(
@@ -303,10 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _wants_exact_match(data_args.eval_exact_match, held_out)
         and data_args.num_generation_samples > 0
     ):
-        if backend != "ddp_or_single":
-            logger.warning(
-                "exact match skipped: generation under %s is not supported by this recipe", backend
-            )
+        if training_args.world_size > 1:
+            logger.warning("exact match skipped: this recipe generates in one process only")
         elif trainer.is_world_process_zero():
             import evaluate
 
@@ -327,12 +371,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ) as stream:
                 for record, response in zip(records, responses, strict=True):
                     stream.write(json.dumps({**record, "prediction": response}) + "\n")
-    _common.add_perplexities(metrics)
+    for key in [k for k in metrics if k.endswith("_loss")]:
+        loss = metrics[key]
+        metrics[key.removesuffix("_loss") + "_perplexity"] = (
+            math.exp(loss) if loss < 700 else math.inf
+        )
+    # The Trainer's own files: all_results.json (these metrics), trainer_state.json (every log).
     trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     trainer.save_state()
-    _common.write_metrics(trainer, metrics)
+    trainer.end()  # ends the trackers and destroys the process group (clean exit under gloo)
     return metrics
 
 
 if __name__ == "__main__":
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     main()

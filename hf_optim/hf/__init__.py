@@ -22,6 +22,7 @@ _EXPORTS = {
     "LossFeeder": "_loss",
     "LossWindow": "_loss",
     "attach": "trainer",
+    "check_backend_at_start_up": "trainer",
     "register_hf_optimizers": "_register",
     "registration_status": "_register",
     "HFOptimRegistrationError": "_register",

@@ -49,6 +49,7 @@ __all__ = [
     "Trainer",
     "TrainingArguments",
     "attach",
+    "check_backend_at_start_up",
     "export_averaged_weights",
 ]
 
@@ -155,6 +156,38 @@ def backend_name(accelerator: Any) -> str | None:
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         return "fsdp2" if version == 2 else "fsdp1"
     return "ddp" if accelerator.num_processes > 1 else None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def backend_from_arguments(args: Any) -> str | None:
+    """The backend name (as :func:`backend_name`) a run with these ``TrainingArguments`` will
+    use, known before any Trainer exists: from ``--deepspeed`` / ``--fsdp`` or the environment
+    ``accelerate launch`` sets from its config file."""
+    if args.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config = getattr(args, "hf_deepspeed_config", None)
+        if config is not None:
+            stage = config.get_value("zero_optimization.stage", stage)
+        return f"zero{stage if stage is not None else 0}"
+    if args.fsdp or _env_flag("ACCELERATE_USE_FSDP"):
+        version = (args.fsdp_config or {}).get("version") or os.environ.get("FSDP_VERSION", "1")
+        return "fsdp2" if str(version) == "2" else "fsdp1"
+    return "ddp" if args.world_size > 1 else None
+
+
+def check_backend_at_start_up(args: Any) -> None:
+    """Refuse, before any data or model work, an hf-optim optimizer that cannot run under the
+    backend these arguments select (the same policy :func:`attach` applies)."""
+    from .._registry import get_optimizer_info
+
+    name = optimizer_name(args)
+    if name is not None:
+        info = get_optimizer_info(name)
+        options = optimizer_kwargs(name, args)[0]
+        refuse_unsupported_backend(info, backend_from_arguments(args), options)
 
 
 def refuse_unsupported_backend(info: OptimizerInfo, backend: str | None, options: Any) -> None:
