@@ -82,14 +82,21 @@ def test_module_runs_as_python_dash_m_runs_it(tmp_path):
     assert runs["python"]["argv"] == [str(tmp_path / "probe_module.py"), "x", "3"]
 
 
-def test_usage_errors(tmp_path):
+def test_usage_errors(capsys, monkeypatch, tmp_path):
+    from hf_optim.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
     for argv, code, text in (
         ([], 2, "usage: python -m hf_optim SCRIPT.py"),
         (["-m"], 2, "-m needs a module name"),
         (["missing.py"], 2, "can't open file 'missing.py'"),
     ):
-        result = _run([sys.executable, "-m", "hf_optim", *argv], tmp_path)
-        assert result.returncode == code and text in result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == code and text in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "-m MODULE" in capsys.readouterr().out
 
 
 TRAINING = [
