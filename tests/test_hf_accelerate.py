@@ -116,3 +116,32 @@ def test_missing_loss_error_names_loss_feeder(accelerator):
         optimizer.step()
     with pytest.raises(ValueError, match="not both"):
         inner.step(lambda: torch.tensor(1.0), loss=torch.tensor(2.0))
+
+
+def test_backward_capture_hands_the_loss_over_before_backward():
+    """Under DeepSpeed the engine steps the optimizer inside accelerator.backward, so the window
+    loss must be with the optimizer before the original backward runs."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hf_optim.hf._loss import BackwardLossCapture
+
+    optimizer = hf_optim.Momo(torch.nn.Linear(2, 1).parameters())
+    seen = []
+
+    def original_backward(loss, **kwargs):  # what the DeepSpeed engine would do: step now
+        seen.append(None if optimizer._pending_loss is None else float(optimizer._pending_loss))
+
+    accelerator = SimpleNamespace(
+        backward=original_backward,
+        distributed_type=DistributedType.DEEPSPEED,
+        gradient_accumulation_steps=2,
+        sync_gradients=False,
+        reduce=None,
+    )
+    BackwardLossCapture.install(accelerator, optimizer)
+    accelerator.backward(torch.tensor(1.5), scale_wrt_gas=False)
+    accelerator.sync_gradients = True
+    accelerator.backward(torch.tensor(2.0), scale_wrt_gas=False)
+    assert seen == [None, 3.5]  # the Trainer's micro-batch losses, summed over the window
