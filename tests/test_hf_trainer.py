@@ -420,3 +420,14 @@ def test_amac_evaluation_before_a_checkpoint_keeps_resume_bitwise(tmp_path):
     resumed = _trainer(hf_optim.Trainer, "amac", tmp_path / "b")
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert torch.equal(parameters_vector(resumed.model), reference)
+
+
+def test_stock_trainer_with_a_momo_the_user_built(fed_losses, tmp_path):
+    """optimizers=(Momo(...), None) with the stock Trainer: the loss still arrives."""
+    model = tiny_gpt2()
+    overrides = dict(optim="adamw_torch", optim_args=None, max_steps=3)
+    args = TrainingArguments(**training_kwargs("momo", str(tmp_path), **overrides))
+    optimizer = hf_optim.Momo(model.parameters(), lr=1.0)
+    trainer = STOCK(model=model, args=args, train_dataset=ToyLM(8), optimizers=(optimizer, None))
+    trainer.train()
+    assert len(fed_losses) == 3 and fed_losses == train_losses(trainer)
