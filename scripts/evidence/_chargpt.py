@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from _common import DATA_DIR
+from torch import nn
 
 SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
 

@@ -81,7 +81,7 @@ def train_one(optimizer_name: str, lr: float, seed: int, data, epochs: int) -> d
     n_train = len(data["train_y"])
     diverged = False
     curve = []
-    for epoch in range(1, epochs + 1):
+    for _epoch in range(epochs):
         total = torch.zeros(())
         for batch in torch.randperm(n_train, generator=generator).split(64):
             loss = F.cross_entropy(model(data["train_x"][batch]), data["train_y"][batch])
