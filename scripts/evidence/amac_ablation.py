@@ -7,15 +7,16 @@ digits (shipped with the package, no download; MNIST is not available offline), 
 split, pixels in [0, 1], the README's MLP shape scaled to the input (64-128-64-10, ReLU),
 batch 64, ``--epochs`` epochs.
 
-AMaC with the README's MNIST settings (lr 1e-4, clip 0.5, noise 0.005, weight decay 1e-3,
+AMaC with the README's MNIST settings (lr 1e-4 or ``--lr``, clip 0.5, noise 0.005, weight decay 1e-3,
 momentum 0.9, Lookahead k=5 alpha 0.5, SWA from the end of warm-up) and warm-up over 10% of the
 run; each ``no_<feature>`` variant switches one feature off and keeps the rest. Baselines:
-``adamw`` (lr 1e-3, the usual default, weight decay 1e-3) and ``adamw_lr1e-4`` (AMaC's lr).
+``adamw`` (lr 1e-3, the usual default, weight decay 1e-3), ``adamw_lr1e-4`` (AMaC's README lr),
+``adamw_lr3e-3`` and ``adamw_lr1e-2`` (AdamW's lr tuned on the same grid).
 AMaC is scored with the weights its ``eval()`` puts in the model (the SWA average, else the
 Lookahead slow weights), as the Trainer integration does; ``fast_test_acc`` is the same model
 scored with the fast weights.
 
-    python scripts/evidence/amac_ablation.py            # full: 11 variants x 5 seeds
+    python scripts/evidence/amac_ablation.py            # full: 13 variants x 5 seeds
     python scripts/evidence/amac_ablation.py --smoke
 """
 
@@ -46,15 +47,14 @@ FEATURE_OFF = {
     "no_lookahead": {"lookahead": False},
     "no_swa": {"swa": False},
 }
-VARIANTS = ("amac_all", *FEATURE_OFF, "adamw", "adamw_lr1e-4")
+ADAMW_LRS = {"adamw": 1e-3, "adamw_lr1e-4": 1e-4, "adamw_lr3e-3": 3e-3, "adamw_lr1e-2": 1e-2}
+VARIANTS = ("amac_all", *FEATURE_OFF, *ADAMW_LRS)
 
 
-def build(variant: str, params, total_steps: int):
-    if variant == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)
-    if variant == "adamw_lr1e-4":
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
-    settings = dict(lr=1e-4, clip_value=0.5, noise_factor=0.005, weight_decay=1e-3,
+def build(variant: str, params, total_steps: int, lr: float = 1e-4):
+    if variant in ADAMW_LRS:
+        return torch.optim.AdamW(params, lr=ADAMW_LRS[variant], weight_decay=1e-3)
+    settings = dict(lr=lr, clip_value=0.5, noise_factor=0.005, weight_decay=1e-3,
                     warmup_steps=max(1, total_steps // 10), seed=0)
     if variant != "amac_all":
         if variant not in FEATURE_OFF:
@@ -71,13 +71,13 @@ def score(model: nn.Module, data) -> dict[str, float]:
             "train_loss": F.cross_entropy(model(data["train_x"]), data["train_y"]).item()}
 
 
-def train_one(variant: str, seed: int, data, epochs: int) -> dict[str, Any]:
+def train_one(variant: str, seed: int, data, epochs: int, lr: float = 1e-4) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
                           nn.Linear(64, 10))
     n_train = len(data["train_y"])
     steps_per_epoch = -(-n_train // 64)
-    optimizer = build(variant, model.parameters(), steps_per_epoch * epochs)
+    optimizer = build(variant, model.parameters(), steps_per_epoch * epochs, lr)
     generator = torch.Generator().manual_seed(1000 + seed)
     curve = []
     for epoch in range(1, epochs + 1):
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-4, help="AMaC's lr (the README's 1e-4)")
     parser.add_argument("--out", type=Path, default=Path("results/evidence/amac_ablation"))
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -141,8 +142,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _common.one_thread()
     data = load_digits_split()
     config = {"epochs": args.epochs, "batch_size": 64, "model": "64-128-64-10"}
+    if args.lr != 1e-4:
+        config["amac_lr"] = args.lr
     _common.run_all(args.out, args.variants, args.seeds,
-                    lambda v, s: train_one(v, s, data, args.epochs), config=config)
+                    lambda v, s: train_one(v, s, data, args.epochs, args.lr), config=config)
     runs = [run for run in _common.load_runs(args.out, config) if run["variant"] in args.variants]
     table = _common.summarise(runs, [v for v in VARIANTS if v in args.variants])
     reference = table.get("amac_all", {}).get("metrics", {}).get("test_acc", {}).get("mean")
