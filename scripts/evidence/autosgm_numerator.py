@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-lrc", nargs="+", type=int, default=list(NUMERATORS))
     parser.add_argument("--gammas", nargs="+", type=float, default=list(GAMMAS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
