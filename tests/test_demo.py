@@ -152,3 +152,43 @@ def test_demo_is_deterministic_in_its_seed(tmp_path):
         runs.append(json.loads((tmp_path / name / "results.json").read_text())["results"][0])
     for key in ("eval_loss", "exact_match", "train_noisy_loss", "curves"):
         assert runs[0][key] == runs[1][key], key
+
+
+def test_demo_over_several_seeds_reports_mean_and_spread(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "--quick",
+                "--optimizers",
+                "adamw,momo",
+                "--seeds",
+                "0,1",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["seeds"] == [0, 1]
+    assert [r["config"]["seed"] for r in report["reports"]] == [0, 1]
+    assert report["reports"][0]["machine"]["cpu_capability"]
+    for row, name in zip(report["summary"], ["adamw", "momo"], strict=True):
+        assert row["name"] == name
+        em = row["metrics"]["exact_match"]
+        per_seed = [
+            r["results"][report["summary"].index(row)]["exact_match"] for r in report["reports"]
+        ]
+        assert em["values"] == per_seed
+        assert em["min"] <= em["mean"] <= em["max"]
+        assert em["std"] >= 0
+    for seed in (0, 1):
+        assert (tmp_path / f"seed_{seed}" / "results.json").is_file()
+    # different seeds give different data and runs
+    losses = row["metrics"]["eval_loss"]["values"]
+    assert losses[0] != losses[1]
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("2 seeds (0, 1)") and "| adamw |" in table and "±" in table
+    assert "| momo |" in printed
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

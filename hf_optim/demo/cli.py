@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,6 +38,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"seeds are comma-separated integers: {error}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError("give one or more distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
@@ -68,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed", type=int, help=f"data, model and order seed (default {defaults.seed})"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="several seeds, e.g. 0,1,2: one full run per seed (in <output-dir>/seed_<n>), "
+        "and a table of mean ± std [min, max] over them",
     )
     parser.add_argument("--output-dir", help=f"where results go (default ./{defaults.output_dir})")
     parser.add_argument(
@@ -123,10 +140,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report import markdown_table, plot_learning_curves
     from .run import run_demo
 
-    report = run_demo([get_contender(name) for name in args.optimizers], config)
+    contenders = [get_contender(name) for name in args.optimizers]
     output_dir = Path(config.output_dir)
-    plot = plot_learning_curves(report, output_dir / "learning_curves.png")
-    table = markdown_table(report)
+    if args.seeds and len(args.seeds) > 1:
+        from .report import aggregate_seeds, seeds_markdown_table
+
+        reports = [
+            run_demo(
+                contenders, replace(config, seed=seed, output_dir=str(output_dir / f"seed_{seed}"))
+            )
+            for seed in args.seeds
+        ]
+        aggregate = aggregate_seeds(reports)
+        (output_dir / "results.json").write_text(
+            json.dumps({**aggregate, "reports": reports}, indent=1)
+        )
+        plot = plot_learning_curves(reports, output_dir / "learning_curves.png")
+        table = seeds_markdown_table(aggregate)
+        report = reports[0]
+    else:
+        if args.seeds:
+            config = replace(config, seed=args.seeds[0])
+        report = run_demo(contenders, config)
+        plot = plot_learning_curves(report, output_dir / "learning_curves.png")
+        table = markdown_table(report)
     (output_dir / "results.md").write_text(table + "\n")
     data = report["data"]
     print()
@@ -139,4 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print()
     print(f"results: {output_dir / 'results.json'}, plot: {plot}")
+    print(
+        f"kernels: {report['machine']['cpu_capability']} (the numbers are deterministic for a "
+        "seed on one kernel path; see docs/demo.md)"
+    )
     return 0

@@ -6,7 +6,7 @@ learning rate, the Trainer's scheduler, gradient clipping and ``optim_args`` dif
 ``python -m hf_optim.demo --list`` to print this table resolved for a number of steps.
 
 Learning rates were picked by exact match after 1000 steps (the default run) from the grids
-given in ``why``; every other setting follows the seed documents or the optimizer's docs.
+given in ``why``; every other setting follows the upstream READMEs or the optimizer's docs.
 Gradient clipping (the Trainer's ``max_grad_norm=1``) is kept for the Adam-type optimizers and
 switched off where it distorts the optimizer's own statistics or clipping (the Hugging Face
 glue warns about those).
@@ -86,7 +86,7 @@ CONTENDERS: dict[str, Contender] = {
             learning_rate=1e-2,
             optim_args=lambda steps: {"tau_init_steps": max(10, steps // 20)},
             why="Adam scaled by a confidence <= 1, so AdamW's schedule; calibration over 5% "
-            "of the steps (the seed's B2 rule); lr from {3e-3, 1e-2, 3e-2}",
+            "of the steps (the CASMO README's B2 rule); lr from {3e-3, 1e-2, 3e-2}",
         ),
         Contender(
             name="autosgm",
@@ -101,7 +101,7 @@ CONTENDERS: dict[str, Contender] = {
                 "window": "cosine",
                 "window_steps": steps,
             },
-            why="the seed README's setup: correlation numerator 3, filter zero 0.5528, its own "
+            why="the AutoSGM README's setup: correlation numerator 3, filter zero 0.5528, its own "
             "cosine window over the run, Trainer scheduler constant; lr from {3e-3, 1e-2, 3e-2}",
         ),
         Contender(
@@ -126,8 +126,8 @@ CONTENDERS: dict[str, Contender] = {
             lr_scheduler_type="constant",
             warmup_ratio=0.0,
             max_grad_norm=0.0,
-            why="constant lr as the seed recommends, lb=0 (cross-entropy); lr from "
-            "{0.1, 0.3, 1 (the seed's default)}",
+            why="constant lr as the Momo README recommends, lb=0 (cross-entropy); lr from "
+            "{0.1, 0.3, 1 (the Momo README's default)}",
         ),
         Contender(
             name="momo_adam",
@@ -137,9 +137,9 @@ CONTENDERS: dict[str, Contender] = {
             warmup_ratio=0.0,
             max_grad_norm=0.0,
             optim_args=lambda steps: {"use_fstar": True},
-            why="constant lr as the seed recommends; the loss floor estimated online (use_fstar), "
+            why="constant lr as the Momo README recommends; the loss floor estimated online (use_fstar), "
             "since with wrong labels the attainable loss is far above lb=0; lr from {1e-3, 3e-3, "
-            "1e-2 (the seed's default)}",
+            "1e-2 (the Momo README's default)}",
         ),
     )
 }

@@ -234,6 +234,13 @@ def run_demo(
         results.append(result)
     report = {
         "config": asdict(config),
+        # The numbers are deterministic for a seed on one kernel path: AVX2 and AVX-512 kernels
+        # (ATEN_CPU_CAPABILITY) round differently, and the runs diverge from there.
+        "machine": {
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        },
         "data": {
             "train_size": len(splits.train),
             "eval_size": len(splits.eval),
