@@ -233,7 +233,7 @@ def run_guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]
     try:
         result = fn(*args)
     except Exception as exc:  # noqa: BLE001 - reported, never swallowed silently
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
         result = {"error": message}
     dist.barrier()
     return result
