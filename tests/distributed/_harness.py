@@ -200,10 +200,10 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def compare(model: Net, reference: Net, start: Net) -> dict[str, float]:
     """``rel``: max over parameters of max|sharded - reference| / max|reference|; ``of_update``:
-    the same difference relative to how far the reference moved (so a check where nothing moves
-    cannot pass by accident: ``moved`` reports that distance). Worst over ranks."""
-    rel = of_update = 0.0
-    moved = math.inf
+    the same difference relative to how far the reference moved; ``moved``: the largest distance
+    a parameter travelled relative to its size (a check where nothing moves would pass by
+    accident). Worst over ranks."""
+    rel = of_update = moved = 0.0
     ref_params = dict(reference.named_parameters())
     start_params = dict(start.named_parameters())
     for name, p in model.named_parameters():
@@ -221,10 +221,10 @@ def compare(model: Net, reference: Net, start: Net) -> dict[str, float]:
         rel = max(rel, diff / max(scale, 1e-30))
         if name != "unused":
             of_update = max(of_update, diff / max(travel, 1e-30))
-            moved = min(moved, travel / max(scale, 1e-30))
-    worst = torch.tensor([rel, of_update, -moved], dtype=torch.float64)
+            moved = max(moved, travel / max(scale, 1e-30))
+    worst = torch.tensor([rel, of_update, moved], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return {"rel": worst[0].item(), "of_update": worst[1].item(), "moved": -worst[2].item()}
+    return {"rel": worst[0].item(), "of_update": worst[1].item(), "moved": worst[2].item()}
 
 
 def run_guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

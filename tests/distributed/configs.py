@@ -90,7 +90,7 @@ CONFIGS: dict[str, Config] = {
         Config(
             "autosgm-lrc2-linear",
             "autosgm",
-            {"lr": 1e-2, "num_lrc": 2, "window": "linear", "window_steps": 10},
+            {"lr": 1e-2, "num_lrc": 2, "beta_n": 0.9, "window": "linear", "window_steps": 10},
             {"lr": 2e-2, "num_lrc": 4, "eps_inside_sqrt": False},
         ),
         Config(
@@ -129,13 +129,19 @@ CONFIGS: dict[str, Config] = {
         Config(
             "autosgm-lrc4-polynomial",
             "autosgm",
-            {"lr": 1e-2, "num_lrc": 4, "window": "polynomial", "window_steps": 10},
+            {"lr": 1e-2, "num_lrc": 4, "beta_n": 0.9, "window": "polynomial", "window_steps": 10},
             {"num_lrc": 2, "lr": 2e-2},
         ),
         Config(
             "autosgm-lrc2-logistic_late",
             "autosgm",
-            {"lr": 1e-2, "num_lrc": 2, "window": "logistic_late", "window_steps": 10},
+            {
+                "lr": 1e-2,
+                "num_lrc": 2,
+                "beta_n": 0.9,
+                "window": "logistic_late",
+                "window_steps": 10,
+            },
             {"num_lrc": 0, "lr": 2e-2},
         ),
         Config(
