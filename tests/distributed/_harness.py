@@ -199,10 +199,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def compare(model: Net, reference: Net, start: Net) -> dict[str, float]:
-    """``rel``: max over parameters of max|sharded - reference| / max|reference|; ``of_update``:
-    the same difference relative to how far the reference moved; ``moved``: the largest distance
-    a parameter travelled relative to its size (a check where nothing moves would pass by
-    accident). Worst over ranks."""
+    """``rel``: max over parameters of max|sharded - reference| divided by the larger of
+    max|reference| and max|reference - start| (rounding scales with the values a run goes
+    through, and a weight that passes near zero would otherwise inflate the ratio);
+    ``of_update``: the difference relative to how far the reference moved; ``moved``: the
+    largest distance a parameter travelled relative to its size (a check where nothing moves
+    would pass by accident). Worst over ranks."""
     rel = of_update = moved = 0.0
     ref_params = dict(reference.named_parameters())
     start_params = dict(start.named_parameters())
@@ -218,7 +220,7 @@ def compare(model: Net, reference: Net, start: Net) -> dict[str, float]:
             diff = math.inf
         scale = ref.abs().max().item()
         travel = (ref - p0).abs().max().item()
-        rel = max(rel, diff / max(scale, 1e-30))
+        rel = max(rel, diff / max(scale, travel, 1e-30))
         if name != "unused":
             of_update = max(of_update, diff / max(travel, 1e-30))
             moved = max(moved, travel / max(scale, 1e-30))
