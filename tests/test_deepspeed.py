@@ -78,3 +78,66 @@ def test_zero_quick(quick, config, backend, layout):
 @pytest.mark.parametrize("config", NAMES)
 def test_zero_everything(everything, config, backend, layout):
     _check(everything, config, backend, layout)
+
+
+# -- through the Hugging Face Trainer ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    import subprocess
+
+    import torch
+    from launch import REPO_ROOT, torchrun_command
+
+    folder = tmp_path_factory.mktemp("trainer_zero")
+    script = str(REPO_ROOT / "tests" / "distributed" / "trainer_zero.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    single = folder / "single.pt"
+    sharded = folder / "zero2.pt"
+    done = subprocess.run(
+        [sys.executable, script, "--zero", "0", "--out", str(single)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert single.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(
+        torchrun_command(script, "--zero", "2", "--out", str(sharded)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert sharded.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(single), torch.load(sharded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw", "casmo-group"])
+def test_trainer_zero2_equals_one_process(trainer_runs, name):
+    single, sharded = trainer_runs
+    assert "error" not in sharded[name], sharded[name]["error"]
+    reference, params = single[name]["params"], sharded[name]["params"]
+    worst = max(
+        (params[n] - reference[n]).abs().max().item() / reference[n].abs().max().item()
+        for n in reference
+    )
+    assert worst <= 1e-5, f"{name}: ZeRO-2 through the Trainer differs by {worst:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "backend_options"),
+    [
+        ("casmo-parameter", ("casmo", {"granularity": "parameter"})),
+        # the Trainer builds two groups (with and without weight decay)
+        ("momo", ("momo", {"param_groups": 2})),
+    ],
+)
+def test_trainer_zero2_refuses_with_the_library_message(trainer_runs, name, backend_options):
+    from hf_optim._backends import refusal
+
+    _, sharded = trainer_runs
+    expected = refusal(backend_options[0], "zero2", backend_options[1])
+    assert expected is not None
+    assert expected in sharded[name].get("error", ""), sharded[name]

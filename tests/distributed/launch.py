@@ -14,6 +14,20 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 
 
+def torchrun_command(script: str, *args: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node 2 script args`` with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *args,
+    ]
+
+
 def torchrun(script: str, *args: str, json_path: Path, timeout: float = 900) -> list[dict]:
     """Run ``tests/distributed/<script>`` on 2 ranks; return the results it wrote to
     ``json_path``. Raises with the output tail when the launch itself fails."""
