@@ -44,3 +44,16 @@ def test_fsdp2_equals_single_process(results, config, layout, dtype):
     else:
         assert result["ok"], f"{config} under {layout} in {dtype}: {describe(result)}"
     assert result["moved"] > 1e-3, "the parameters barely moved: the check would be vacuous"
+
+
+def test_cuda_check_refuses_clearly_without_cuda():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run scripts/check_fsdp2_cuda.py under accelerate")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "check_fsdp2_cuda.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "needs CUDA devices" in done.stderr and "fsdp2_check.py" in done.stderr
