@@ -112,23 +112,45 @@ def main() -> int:
         x = torch.randn(32, args.width)
         y = torch.randn(32, 1)
 
-        names = args.only or list(CONTENDERS)
-        runs = {}
-        for label in names:
-            name, kwargs = CONTENDERS[label]
+        def build(name: str, kwargs: dict, implementation: str):
             model = copy.deepcopy(base)
             for module in model:
                 if isinstance(module, nn.Linear):
                     fully_shard(module, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            optimizer = make_optimizer(name, dict(kwargs), model.parameters(), args.implementation)
-            needs_loss = name in ("momo", "momo_adam")
-            runs[label] = (model, optimizer, needs_loss, [])
+            return model, make_optimizer(name, dict(kwargs), model.parameters(), implementation)
+
+        names = args.only or list(CONTENDERS)
+        runs = {}
+        for label in names:
+            name, kwargs = CONTENDERS[label]
+            model, optimizer = build(name, kwargs, args.implementation)
+            runs[label] = (model, optimizer, name in ("momo", "momo_adam"), [])
+        # Collectives per step, counted on an eager twin of each contender (CommDebugMode is a
+        # dispatch mode, which compiled kernels refuse; the count does not depend on it).
         counter = Counter()
         explicit: dict[str, int] = {}
         implicit: dict[str, int] = {}
-
         failed: dict[str, str] = {}
+        for label in names:
+            name, kwargs = CONTENDERS[label]
+            needs_loss = runs[label][2]
+            try:
+                model, optimizer = build(name, kwargs, "eager")
+                for _ in range(2):  # the second step is a steady-state one
+                    loss = nn.functional.mse_loss(model(x), y)
+                    loss.backward()
+                    counter.count, counter.active = 0, True
+                    with CommDebugMode() as comm:
+                        optimizer.step(**({"loss": loss.detach()} if needs_loss else {}))
+                    counter.active = False
+                    optimizer.zero_grad(set_to_none=True)
+                explicit[label], implicit[label] = counter.count, comm.get_total_counts()
+            except Exception as exc:  # noqa: BLE001 - both ranks fail alike; reported
+                counter.active = False
+                failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+                dist.barrier()
+
         for round_index in range(args.warmup + args.rounds):
             for label, (model, optimizer, needs_loss, times) in runs.items():
                 if label in failed:
@@ -143,14 +165,6 @@ def main() -> int:
                         failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
                         dist.barrier()
                         continue
-                measure = round_index == args.warmup  # count collectives on one warm step
-                if measure:
-                    counter.count, counter.active = 0, True
-                    with CommDebugMode() as comm:
-                        optimizer.step(**step_kwargs)
-                    counter.active = False
-                    explicit[label] = counter.count
-                    implicit[label] = comm.get_total_counts()
                 dist.barrier()
                 start = time.perf_counter()
                 optimizer.step(**step_kwargs)
