@@ -181,7 +181,7 @@ def main() -> int:
                 f"implementation={args.implementation}, {args.rounds} rounds, medians, worst rank"
             )
             print(
-                "| optimizer | step (ms) | vs AdamW | collectives per step (explicit + DTensor) |"
+                "| optimizer | step (ms) | vs AdamW | collectives per step (of them explicit) |"
             )
             print("|---|---|---|---|")
             for label, (_, _, _, times) in runs.items():
