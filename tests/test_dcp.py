@@ -1,6 +1,7 @@
 """torch.distributed.checkpoint under FSDP2: save mid-run with ``get_state_dict`` + ``dcp.save``,
 load in fresh processes with ``dcp.load`` + ``set_state_dict``, continue, and equal one process
 trained without interruption (float64, 1e-9 relative), for every optimizer configuration.
+Two launches of ~1 minute each on a small box: marked slow (CI runs them in its second pass).
 
 ``dcp-init``: DCP's state-initialising ``step()`` (zero gradients, lr 0) on a fresh optimizer
 moves no parameter and leaves no trace: training after it equals the reference.
@@ -16,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 from configs import CONFIGS  # noqa: E402
-from launch import describe, torchrun  # noqa: E402
+from launch import describe, index, missing, torchrun  # noqa: E402
 
 NAMES = [name for name, config in CONFIGS.items() if not config.expect_mismatch]
 
@@ -41,9 +42,8 @@ def results(tmp_path_factory) -> dict:
         str(checkpoints),
         json_path=folder / "load.json",
     )
-    out = {(r["config"], r["backend"]): r for r in loaded}
-    # an error while saving explains the load failure better than the missing checkpoint
-    out.update({(r["config"], r["backend"]): r for r in saved})
+    out = index(loaded, "config", "backend")
+    out.update(index(saved, "config", "backend"))  # a save error explains a load failure best
     return out
 
 
@@ -55,7 +55,8 @@ CHECKS = [(name, "dcp-resume") for name in NAMES] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("config", "check"), CHECKS)
 def test_dcp(results, config, check):
-    result = results[config, check]
+    result = results.get((config, check)) or pytest.fail(missing(results, (config, check)))
     assert result["ok"], f"{config} {check}: {describe(result)}"

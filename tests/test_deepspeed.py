@@ -3,8 +3,9 @@ engine equals one process on the whole batch (float32, 1e-5 relative), or is ref
 first step with the message of ``hf_optim._backends.refusal``; ZeRO-3 is refused.
 
 Needs ``DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 torch==2.13.0``; the
-tests skip with that command as the reason when DeepSpeed is missing. The default suite runs a
-representative subset in one launch; the whole matrix is marked slow.
+tests skip with that command as the reason when DeepSpeed is missing. Importing DeepSpeed alone
+takes ~20 s here, so everything is marked slow: a representative subset in one launch
+(``-k quick``), the whole matrix, and the Trainer runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 from configs import CONFIGS  # noqa: E402
-from launch import describe, torchrun  # noqa: E402
+from launch import describe, index, missing, torchrun  # noqa: E402
 
 INSTALL = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 torch==2.13.0"
 pytestmark = pytest.mark.skipif(
@@ -39,7 +40,7 @@ def _run(tmp_path_factory, names, stages):
     rows = torchrun(
         "zero_check.py", "--config", *names, "--stages", *map(str, stages), json_path=path
     )
-    return {(r["config"], r["backend"], r["layout"]): r for r in rows}
+    return index(rows, "config", "backend", "layout")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def everything(tmp_path_factory):
 def _check(results, config, backend, layout):
     if backend == "zero3" and CONFIGS[config].optimizer == "adamw":
         pytest.skip("AdamW is the ZeRO-1/2 control; ZeRO-3 is only checked for refusals")
-    result = results[config, backend, layout]
+    result = results.get((config, backend, layout)) or pytest.fail(
+        missing(results, (config, backend, layout))
+    )
     if result["expected_refusal"] is not None:
         assert result["ok"], (
             f"{config} under {backend} ({layout}) should be refused with "
@@ -65,6 +68,7 @@ def _check(results, config, backend, layout):
         assert result["ok"], f"{config} under {backend} ({layout}): {describe(result)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["zero2", "zero3"])
 @pytest.mark.parametrize("config", QUICK)

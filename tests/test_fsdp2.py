@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 from configs import CONFIGS  # noqa: E402
-from launch import describe, torchrun  # noqa: E402
+from launch import describe, index, missing, torchrun  # noqa: E402
 
 LAYOUTS = ("fsdp", "hsdp")
 DTYPES = ("float64", "float32")
@@ -28,14 +28,16 @@ DTYPES = ("float64", "float32")
 def results(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("fsdp2") / "results.json"
     rows = torchrun("fsdp2_check.py", "--config", "all", json_path=path)
-    return {(r["config"], r["backend"], r["dtype"]): r for r in rows}
+    return index(rows, "config", "backend", "dtype")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fsdp2_equals_single_process(results, config, layout, dtype):
-    result = results[config, layout, dtype]
+    result = results.get((config, layout, dtype)) or pytest.fail(
+        missing(results, (config, layout, dtype))
+    )
     if CONFIGS[config].expect_mismatch:
         assert "error" not in result, result["error"]
         assert result["rel"] > result["tolerance"], (

@@ -241,6 +241,16 @@ def run_guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]
     return result
 
 
+def write_results(path: str | None, results: list[dict]) -> None:
+    """Rank 0 rewrites the results file after every run, so a launch that dies (a collective
+    mismatch aborts both ranks) still reports every run before the one that killed it."""
+    if path and int_rank() == 0:
+        import json
+
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
 def int_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -137,6 +137,7 @@ def main() -> int:
                 )
                 result["ok"] = "error" not in result and result["rel"] <= tolerance
                 results.append(result)
+                h.write_results(args.json, results)
                 detail = result.get("error") or f"rel {result['rel']:.2e}"
                 h.rank_print(
                     f"{'ok  ' if result['ok'] else 'FAIL'} {config.name:36s} {backend:10s} {detail}"

@@ -85,6 +85,7 @@ def main() -> int:
                         else (result["rel"] <= tolerance)
                     )
                     results.append(result)
+                    h.write_results(args.json, results)
                     if "error" in result:
                         detail = result["error"]
                     else:

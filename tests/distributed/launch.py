@@ -54,7 +54,35 @@ def torchrun(script: str, *args: str, json_path: Path, timeout: float = 900) -> 
             f"{script} wrote no results (exit {done.returncode}):\n"
             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         )
-    return json.loads(json_path.read_text())
+    rows = json.loads(json_path.read_text())
+    if done.returncode not in (0, 1):  # 1: some run failed; anything else: the launch died
+        died = f"the launch died after this point (exit {done.returncode}): " + _tail(done)
+        rows.append({"config": None, "launch_died": died})
+    return rows
+
+
+def _tail(done: subprocess.CompletedProcess) -> str:
+    lines = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if "Error" in line or "what()" in line or line.startswith(("ok", "FAIL"))
+    ]
+    return "\n".join(lines[-12:])
+
+
+def index(rows: list[dict], *fields: str) -> dict:
+    """Results keyed by ``fields``; ``"launch_died"`` holds why a launch stopped early."""
+    out: dict = {tuple(r[f] for f in fields): r for r in rows if r.get("config")}
+    for row in rows:
+        if "launch_died" in row:
+            out["launch_died"] = row["launch_died"]
+    return out
+
+
+def missing(results: dict, key: tuple) -> str:
+    """Why ``key`` has no result: the launch died before reaching it."""
+    died = results.get("launch_died", "the launch wrote no result for it")
+    return f"no result for {key}: {died}"
 
 
 def describe(result: dict) -> str:

@@ -163,6 +163,7 @@ def main() -> int:
                         result["ok"] = "error" not in result and result["rel"] <= tolerance
                         detail = result.get("error") or f"rel {result['rel']:.2e}"
                     results.append(result)
+                    h.write_results(args.json, results)
                     h.rank_print(
                         f"{'ok  ' if result['ok'] else 'FAIL'} {config.name:36s} zero{stage} "
                         f"{layout:9s} {detail[:160]}"
