@@ -92,20 +92,15 @@ REFERENCES: dict = {}
 
 
 def expected_refusal(config, layout: str, stage: int) -> str | None:
+    """What ``hf_optim._backends`` must say for this run: its rules applied to the options of
+    every parameter group, read from the optimizer built exactly as the run builds it."""
     if config.optimizer in ("adamw",):
         return None
-    from hf_optim._backends import refusal
+    from hf_optim._backends import _info_of, _refusal
 
-    options = dict(config.kwargs)
-    if layout == "groups":
-        options["param_groups"] = 3
-    message = refusal(config.optimizer, f"zero{stage}", options)
-    if message is None and layout == "groups" and config.second:
-        # the second group's own options (e.g. per_tensor) may be the refused ones
-        message = refusal(
-            config.optimizer, f"zero{stage}", {**config.kwargs, **config.second, "param_groups": 3}
-        )
-    return message
+    optimizer = h.make_optimizer(config, _groups(h.build_model(DTYPE), config, layout), "eager")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return _refusal(_info_of(optimizer), f"zero{stage}", groups, len(groups))
 
 
 def main() -> int:
