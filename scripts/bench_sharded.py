@@ -180,9 +180,7 @@ def main() -> int:
                 f"FSDP2, {world} CPU ranks (gloo), {numel:,} parameters, "
                 f"implementation={args.implementation}, {args.rounds} rounds, medians, worst rank"
             )
-            print(
-                "| optimizer | step (ms) | vs AdamW | collectives per step (of them explicit) |"
-            )
+            print("| optimizer | step (ms) | vs AdamW | collectives per step (of them explicit) |")
             print("|---|---|---|---|")
             for label, (_, _, _, times) in runs.items():
                 if label in failed:
