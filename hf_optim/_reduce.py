@@ -12,6 +12,12 @@ Each element must be counted exactly once across ranks. A rank's piece of a para
 (replicated) tensor next to sharded ones counts on rank 0 only; a DTensor counts on the ranks
 whose coordinate is 0 on every mesh dimension where it is replicated (HSDP's replicate
 dimension). The sum then runs over the default process group, whatever the mesh.
+
+DeepSpeed ZeRO-1/2 hands the optimizer one flat partition per parameter group instead (plain
+tensors, padded for alignment). :mod:`hf_optim._backends` recognises that and registers each
+partition here with :func:`register_flat_partition`: its sums then run over ZeRO's
+data-parallel group, every rank's partition counts (they are disjoint), and
+:func:`valid_numel` excludes the padding.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = [
     "finish_sums",
     "global_offset",
     "tensor_sums",
+    "register_flat_partition",
 ]
 
 
@@ -54,14 +61,50 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def _any_sharded(params: Iterable[Tensor]) -> bool:
-    return any(is_sharded(p) for p in params)
+#: flat partition (DeepSpeed ZeRO-1/2) -> (its data-parallel process group, real elements)
+_FLAT_PARTITIONS: Any = None
+
+
+def _flat_partitions() -> Any:
+    global _FLAT_PARTITIONS
+    if _FLAT_PARTITIONS is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _FLAT_PARTITIONS = WeakIdKeyDictionary()
+    return _FLAT_PARTITIONS
+
+
+def register_flat_partition(p: Tensor, process_group: Any, valid: int) -> None:
+    """Declare ``p`` this rank's piece of a flat partition over ``process_group`` of which
+    ``valid`` leading-or-interleaved elements are real (the rest is zero padding)."""
+    _flat_partitions()[p] = (process_group, int(valid))
+
+
+def _partition(p: Tensor) -> tuple[Any, int] | None:
+    if _FLAT_PARTITIONS is None:
+        return None
+    return _FLAT_PARTITIONS.get(p)
 
 
 def reduction_group(params: Iterable[Tensor]) -> Any | None:
     """The process group over which partial sums of ``params`` are summed; ``None`` when no
-    parameter is sharded (one process, or data parallelism over whole replicas)."""
-    if not _any_sharded(params):
+    parameter is sharded (one process, or data parallelism over whole replicas).
+
+    DTensors: the default group (replicas are masked by :func:`counts`). ZeRO flat partitions:
+    their data-parallel group (one per optimizer; mixing it with DTensors is an error).
+    """
+    params = list(params)
+    if _FLAT_PARTITIONS is not None:
+        groups = {id(entry[0]): entry[0] for p in params if (entry := _partition(p))}
+        if groups:
+            if len(groups) > 1 or any(is_sharded(p) for p in params):
+                raise RuntimeError(
+                    "hf-optim reduces one step's statistics over one process group, but these "
+                    "parameters are ZeRO partitions of different data-parallel groups (or mixed "
+                    "with DTensors)"
+                )
+            return next(iter(groups.values()))
+    if not any(is_sharded(p) for p in params):
         return None
     import torch.distributed as dist
 
@@ -75,8 +118,10 @@ def counts(p: Tensor, process_group: Any | None) -> bool:
         return True
     import torch.distributed as dist
 
+    if _partition(p) is not None:  # ZeRO partitions of different ranks are disjoint
+        return True
     if not is_sharded(p):
-        return dist.get_rank() == 0
+        return dist.get_rank(group=process_group) == 0
     from torch.distributed.tensor import Replicate
 
     coordinate = p.device_mesh.get_coordinate()
@@ -91,6 +136,9 @@ def counts(p: Tensor, process_group: Any | None) -> bool:
 
 def valid_numel(p: Tensor) -> int:
     """Real elements in this rank's piece of ``p`` (padding excluded)."""
+    entry = _partition(p)
+    if entry is not None:
+        return entry[1]
     return local(p).numel()
 
 
