@@ -131,6 +131,51 @@ class Config:
     skip_of: str | None = None
 
 
+def _adamw_kernel(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, bias1, bias2):
+    """AdamW, one tensor: the 28-byte, one-pass update written as an hf-optim kernel."""
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.copy_(exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad)
+    denominator = (exp_avg_sq / bias2).sqrt() + eps
+    param.copy_(param * (1.0 - lr * decay) - (lr / bias1) * exp_avg / denominator)
+
+
+class KernelAdamW(torch.optim.Optimizer):
+    """AdamW as one ``hf_optim._kernels`` kernel, compiled: what the compiled route reaches on
+    this machine for an algorithm at fused AdamW's own floor (28 bytes per parameter, one pass).
+    Hyperparameters reach the kernel as 0-d tensors, so a changing lr does not recompile."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        from hf_optim._kernels import kernel
+
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._kernel = kernel(_adamw_kernel)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            if "step" not in group:
+                group["step"] = torch.zeros((), device=device)
+                group["lr_tensor"] = torch.zeros((), device=device)
+            group["step"].add_(1.0)
+            lr = group["lr_tensor"].fill_(group["lr"])
+            beta1, beta2 = (torch.tensor(b, device=device) for b in group["betas"])
+            eps, decay = (torch.tensor(group[k], device=device) for k in ("eps", "weight_decay"))
+            bias1, bias2 = 1.0 - beta1 ** group["step"], 1.0 - beta2 ** group["step"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                self._kernel(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps,
+                    decay, bias1, bias2, compiled=True,
+                )  # fmt: skip
+
+
 def _hf(name: str, registry: str, kwargs: dict[str, Any], **extra: Any) -> list[Config]:
     """An hf-optim configuration and its ``skip_nonfinite=True`` variant."""
     base = Config(name, f"hf_optim:{registry}", kwargs, **extra)
@@ -147,6 +192,7 @@ def _hf(name: str, registry: str, kwargs: dict[str, Any], **extra: Any) -> list[
 CONFIGS: list[Config] = [
     Config(YARDSTICK, "torch:AdamW", {"lr": 1e-3, "fused": True}, note="yardstick"),
     Config(FOREACH, "torch:AdamW", {"lr": 1e-3, "foreach": True}),
+    Config("adamw-kernel", "bench:KernelAdamW", {"lr": 1e-3}, note="compiled hf-optim kernel"),
     *_hf("momo", "momo", {"lr": 1.0}),
     *_hf("autosgm-lrc0", "autosgm", {"num_lrc": 0}),
     *_hf("autosgm-lrc2", "autosgm", {"num_lrc": 2}),
@@ -234,6 +280,8 @@ def load_class(source: str) -> tuple[type, bool]:
     kind, _, name = source.partition(":")
     if kind == "torch":
         return getattr(torch.optim, name), False
+    if kind == "bench":
+        return globals()[name], False
     if kind == "hf_optim":
         from hf_optim import get_optimizer_info
 
@@ -351,7 +399,6 @@ def build(
     grads: list[torch.Tensor],
     warmup: int,
     implementation: str | None,
-    warmup_threads: int | None = None,
     steady: bool = True,
 ) -> Contender:
     cls, needs_loss = load_class(config.source)
@@ -373,14 +420,8 @@ def build(
     contender = Contender(
         config, params, optimizer, step, device, [g["lr"] for g in optimizer.param_groups]
     )
-    timing_threads = torch.get_num_threads()
-    if warmup_threads:  # warm-up is not timed
-        torch.set_num_threads(warmup_threads)
-    try:
-        for _ in range(max(warmup, config.steady_after + 1) if steady else warmup):
-            step()
-    finally:
-        torch.set_num_threads(timing_threads)
+    for _ in range(max(warmup, config.steady_after + 1) if steady else warmup):
+        step()
     synchronize(device)
     contender.state_bytes = state_bytes(optimizer)
     return contender
@@ -449,10 +490,11 @@ def run_size(size: str, configs: list[Config], args: argparse.Namespace) -> dict
     )
     checksum = grad_checksums(grads)
     budget = memory_budget(args.memory_gb, device)
-    warmup_threads = None if device.type == "cuda" else os.cpu_count()
 
     def make(config: Config) -> Contender:
-        return build(config, base, grads, warmup, args.implementation, warmup_threads)
+        # warm up with the timing threads: compiled CPU kernels are built for a thread count
+        # and a change of it recompiles them
+        return build(config, base, grads, warmup, args.implementation)
 
     yardstick = make(CONFIG_BY_NAME[YARDSTICK])
     rows: dict[str, dict[str, Any]] = {}
@@ -655,7 +697,7 @@ def state_only(size: str, configs: list[Config], args: argparse.Namespace) -> di
     result = {}
     for config in configs:
         try:
-            contender = build(config, base, grads, 2, None, os.cpu_count())
+            contender = build(config, base, grads, 2, None)
         except Exception as error:
             print(f"skipped {config.name}: {skip_reason(error)}", file=sys.stderr)
             continue
@@ -735,7 +777,8 @@ def machine_line(args: argparse.Namespace) -> str:
         pass
     line = (
         f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
-        f"{args.threads} thread(s), Python {platform.python_version()}, "
+        f"{args.threads} thread(s), CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+        f"Python {platform.python_version()}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     if args.device == "cuda":

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
-        f"torch {torch.__version__}, {args.threads} thread(s), load average "
+        f"torch {torch.__version__}, {args.threads} thread(s), CPU kernels "
+        f"{torch.backends.cpu.get_cpu_capability()}, load average "
         f"{os.getloadavg()[0]:.1f}, hf_optim from {Path(hf_optim.__file__).parent}",
         flush=True,
     )
