@@ -41,7 +41,7 @@ TARGET = 0.98
 #: GPT-2 shapes: (vocab, positions = sequence length, width, layers, heads, batch size)
 MODELS: dict[str, tuple[int, int, int, int, int, int]] = {
     "tiny": (256, 32, 32, 1, 2, 2),
-    "small": (8192, 256, 256, 4, 4, 4),
+    "small": (8192, 128, 256, 4, 4, 4),
 }
 
 
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", nargs="+", default=hf_optim.list_optimizers(), metavar="OPTIM")
     parser.add_argument("--model", choices=list(MODELS), default="small")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
