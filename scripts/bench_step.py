@@ -823,9 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--latency",
-        choices=["cold", "off"],
+        choices=["cold", "cold-all", "off"],
         default="cold",
-        help="cold: time each first step in a fresh process with empty compile caches",
+        help="cold: time each first step in a fresh process with empty compile caches "
+        "(cold-all: the skip_nonfinite variants too)",
     )
     parser.add_argument(
         "--baseline",
@@ -876,7 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for size in sizes:
         baseline = baseline_state(size, configs, args) if args.baseline else {}
-        latency = measure_latency(size, configs, args) if args.latency == "cold" else {}
+        timed = configs if args.latency == "cold-all" else [c for c in configs if not c.skip_of]
+        latency = measure_latency(size, timed, args) if args.latency != "off" else {}
         result = run_size(size, configs, args)
         for row in result["rows"]:
             if row["name"] in latency:
