@@ -376,7 +376,8 @@ class Contender:
     recompiles: int = 0
 
     def footprint(self) -> int:
-        return self.state_bytes + sum(p.numel() * p.element_size() for p in self.params)
+        """State and parameters, plus one parameter set's worth for temporaries of a step."""
+        return self.state_bytes + 2 * sum(p.numel() * p.element_size() for p in self.params)
 
     def block(self, steps: int) -> float:
         """Time ``steps`` steps (whole periods), changing the learning rate at each one."""
@@ -460,8 +461,8 @@ def memory_budget(requested_gb: float | None, device: torch.device) -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
+                if line.startswith("MemAvailable:"):  # a shared machine: leave most of it
+                    return int(line.split()[1]) * 1024 // 3
     except OSError:
         pass
     return 8 * 2**30
@@ -487,6 +488,7 @@ def run_size(size: str, configs: list[Config], args: argparse.Namespace) -> dict
     warmup = args.warmup if args.warmup is not None else warmup
     base, grads = make_tensors(size, device)
     numel = sum(p.numel() for p in base)
+    param_bytes = sum(p.numel() * p.element_size() for p in base)  # and as much for gradients
     print(
         f"\n## size {size} on {device.type}: {numel / 1e6:.1f}M float32 parameters in "
         f"{len(base)} tensors; {rounds} rounds x {steps} steps (whole periods) after "
@@ -545,7 +547,7 @@ def run_size(size: str, configs: list[Config], args: argparse.Namespace) -> dict
                 f"built {config.name}: state {built[-1].state_bytes / numel:.2f} B/param",
                 flush=True,
             )
-        used = yardstick.footprint() + sum(c.footprint() for c in batch + built)
+        used = 2 * param_bytes + yardstick.footprint() + sum(c.footprint() for c in batch + built)
         if used > budget and batch:
             finish(batch)
             batch = []
@@ -819,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument(
-        "--memory-gb", type=float, help="memory for contenders alive at once (default: half free)"
+        "--memory-gb", type=float, help="memory for contenders alive at once (default: 1/3 free)"
     )
     parser.add_argument(
         "--latency",
