@@ -105,6 +105,7 @@ def test_recompiles_during_the_timed_steps_are_counted(bench_step, tmp_path, cap
     assert "PROBLEM recompiling:" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh process: ~5 s on a quiet 2-core machine, 35 s on a busy one
 def test_cold_first_step_latency(bench_step) -> None:
     # one fresh process; eager, because compiling the real kernels costs seconds per process
     args = bench_step.argparse.Namespace(threads=1, device="cpu", implementation="eager")
@@ -125,6 +126,7 @@ def test_gpt2_shapes_of_124m_have_124m_parameters(bench_step) -> None:
     assert 124e6 < total < 125e6 and len(shapes) == 2 + 12 * 12 + 2
 
 
+@pytest.mark.slow  # three short Trainer runs: ~10 s quiet, 35 s on a busy machine
 def test_bench_trainer_prints_a_row_per_optim_name(tmp_path) -> None:
     pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location(
