@@ -143,7 +143,8 @@ def _adamw_kernel(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay
 
 
 class KernelAdamW(torch.optim.Optimizer):
-    """AdamW as one ``hf_optim._kernels`` kernel, compiled: what the compiled route reaches on
+    """AdamW as one ``hf_optim._kernels`` kernel, compiled (``Kernel.map`` where the installed
+    hf-optim has it, else one call per tensor): what the compiled route reaches on
     this machine for an algorithm at fused AdamW's own floor (28 bytes per parameter, one pass).
     Hyperparameters reach the kernel as 0-d tensors, so a changing lr does not recompile."""
 
@@ -170,15 +171,19 @@ class KernelAdamW(torch.optim.Optimizer):
             lr = group["lr_tensor"].fill_(group["lr"])
             beta1, beta2, eps, decay = group["constants"].unbind()
             bias1, bias2 = 1.0 - beta1 ** group["step"], 1.0 - beta2 ** group["step"]
+            items = []
             for p in params:
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                self._kernel(
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps,
-                    decay, bias1, bias2, compiled=True,
-                )  # fmt: skip
+                items.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2,
+                              eps, decay, bias1, bias2))  # fmt: skip
+            if hasattr(self._kernel, "map"):  # several tensors per compiled call
+                self._kernel.map(items, compiled=True)
+            else:
+                for item in items:
+                    self._kernel(*item, compiled=True)
 
 
 def _hf(name: str, registry: str, kwargs: dict[str, Any], **extra: Any) -> list[Config]:
