@@ -377,38 +377,35 @@ def window_factor(step: Tensor, group: dict[str, Any]) -> Tensor:
 
 
 # -- the per-tensor math ----------------------------------------------------------------------
-# Every kernel below takes the group's hyperparameters as one 1-D tensor (see
-# ``AutoSGM._hyperparameters``), unpacked by name on entry: values that may change during a run
-# never reach the compiler as Python numbers, and one tensor argument costs a compiled call far
-# less than fifteen. Python arguments (num_lrc, per_tensor, adaptive, skip_nonfinite) select the
+# The kernels take the group's hyperparameters and then the tensor's own scalars (its debias
+# factors, its numerator) as trailing 0-d tensors, named on entry (``_unpack``): values that
+# change during a run never reach the compiler as Python numbers, and the bias corrections (a
+# power of the step) are computed once per tensor outside the kernel, not once per vector of
+# elements inside it. The leading Python arguments (num_lrc, per_tensor, ...) select the
 # structure of the update; each combination compiles once per dtype and device.
 _HYPERPARAMETERS = (
-    "lr", "weight_decay", "factor", "beta_n", "beta_a", "beta_i", "gamma", "eta_m", "eta_a",
-    "eps", "eps_in", "cf", "sign", "debias", "decoupled",
+    "lr", "factor", "coupled_decay", "decoupled_decay", "beta_n", "beta_a", "beta_i", "gamma",
+    "eta_m", "eta_a", "eps", "eps_in", "cf", "sign",
 )  # fmt: skip
+#: a tensor's own scalars: the momentum's scale (debias / (1 - gamma)), the second moment's
+#: debias factor, and (phase 2, except for elementwise numerators) the numerator a_t
+_TENSOR_SCALARS = ("momentum_scale", "second_scale", "numerator")
 
 
-def _unpack(hyper: Tensor) -> dict[str, Tensor]:
-    return dict(zip(_HYPERPARAMETERS, hyper.unbind(), strict=True))
+def _unpack(scalars: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    return dict(zip(_HYPERPARAMETERS + _TENSOR_SCALARS, scalars, strict=False))
 
 
 def _gradient(param: Tensor, grad: Tensor, h: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The weights and the gradient in the accumulation dtype: the sign of ``maximize`` and the
-    coupled (L2) weight decay applied."""
+    """The weights and the gradient in the accumulation dtype, with the sign of ``maximize``
+    and the coupled (L2) weight decay."""
     w = param.to(h["lr"].dtype)
-    coupled = h["weight_decay"] * (1.0 - h["decoupled"])
-    return w, h["sign"] * grad.to(w.dtype) + coupled * w
+    return w, h["sign"] * grad.to(w.dtype) + h["coupled_decay"] * w
 
 
-def _debias_factor(t: Tensor, beta: Tensor, eta: Tensor, debias: Tensor) -> Tensor:
-    """((1 - beta) / eta) / (1 - beta^t) when debiasing, else 1."""
-    return torch.where(debias > 0, (1.0 - beta) / eta / (1.0 - torch.pow(beta, t)), 1.0)
-
-
-def _denominator(b: Tensor, t: Tensor, h: dict[str, Tensor]) -> Tensor:
-    """d = sqrt(c2 b + eps_in) + eps, c2 the second moment's debias factor at step t."""
-    c2 = _debias_factor(t, h["beta_a"], h["eta_a"], h["debias"])
-    return torch.sqrt(b * c2 + h["eps_in"]) + h["eps"]
+def _denominator(b: Tensor, h: dict[str, Tensor]) -> Tensor:
+    """d = sqrt(c2 b + eps_in) + eps, with c2 the second moment's debias factor."""
+    return torch.sqrt(b * h["second_scale"] + h["eps_in"]) + h["eps"]
 
 
 def _tukey(d: Tensor) -> Tensor:
@@ -457,10 +454,15 @@ def _numerator_estimate(
     return torch.minimum(torch.maximum(corr.abs(), low), high), new
 
 
-def _store(target: Tensor, value: Tensor, apply: Tensor) -> None:
-    """Write ``value`` into ``target``, or keep ``target`` when ``apply`` is False (a skipped
-    step; compiled, the select costs no memory traffic: ``target`` is read anyway)."""
-    target.copy_(torch.where(apply, value, target))
+def _smoothed_numerator(previous: Tensor, raw: Tensor) -> Tensor:
+    """a_t = 0.1 a_{t-1} + 0.9 r_t, upstream's light smoothing of the numerator."""
+    return _NUMERATOR_POLE * previous + (1.0 - _NUMERATOR_POLE) * raw
+
+
+def _store(target: Tensor, value: Tensor, apply: Tensor | None) -> None:
+    """Write ``value`` into ``target``; keep ``target`` where ``apply`` is False (a step that
+    ``skip_nonfinite`` skips; compiled, the select costs no traffic: ``target`` is read anyway)."""
+    target.copy_(value if apply is None else torch.where(apply, value, target))
 
 
 def _store_numerator_state(
@@ -469,7 +471,7 @@ def _store_numerator_state(
     weight_sq: Tensor | None,
     corr_scale: Tensor | None,
     corr_var: Tensor | None,
-    apply: Tensor,
+    apply: Tensor | None,
 ) -> None:
     targets = {"corr": corr, "weight_sq": weight_sq, "corr_scale": corr_scale, "corr_var": corr_var}
     for key, value in new.items():
@@ -478,6 +480,8 @@ def _store_numerator_state(
 
 @kernel
 def _statistics(
+    num_lrc: int,
+    skip_nonfinite: bool,
     param: Tensor,
     grad: Tensor,
     exp_avg_sq: Tensor | None,
@@ -485,10 +489,7 @@ def _statistics(
     weight_sq: Tensor | None,
     corr_scale: Tensor | None,
     corr_var: Tensor | None,
-    step: Tensor,
-    hyper: Tensor,
-    num_lrc: int,
-    skip_nonfinite: bool,
+    *scalars: Tensor,
 ) -> Tensor:
     """Phase 1, for a per-tensor numerator (num_lrc 2, 3, 4) or a finite check: this tensor's
     partial sums (sum of the numerator estimate, count of non-finite gradient entries).
@@ -497,35 +498,30 @@ def _statistics(
     phase 2 reads them; with it nothing is written (the step may yet be skipped) and phase 2
     computes them again.
     """
-    h = _unpack(hyper)
+    h = _unpack(scalars)
     w, g = _gradient(param, grad, h)
     estimate_sum = torch.zeros((), dtype=w.dtype, device=w.device)
     if num_lrc >= 2:
-        t = (step + 1.0).to(w.dtype)
         b = h["beta_a"] * exp_avg_sq + h["eta_a"] * g * g
         estimate, new = _numerator_estimate(
-            w, g, _denominator(b, t, h), corr, weight_sq, corr_scale, corr_var, h, num_lrc
+            w, g, _denominator(b, h), corr, weight_sq, corr_scale, corr_var, h, num_lrc
         )
         estimate_sum = estimate.sum()
         if not skip_nonfinite:
             exp_avg_sq.copy_(b)
-            for key, target in (("corr", corr), ("weight_sq", weight_sq),
-                                ("corr_scale", corr_scale), ("corr_var", corr_var)):  # fmt: skip
-                if key in new:
-                    target.copy_(new[key])
+            _store_numerator_state(new, corr, weight_sq, corr_scale, corr_var, None)
     nonfinite = torch.zeros_like(estimate_sum)
     if skip_nonfinite:
         nonfinite = torch.logical_not(torch.isfinite(grad)).sum().to(w.dtype)
     return torch.stack([estimate_sum, nonfinite])
 
 
-def _smoothed_numerator(previous: Tensor, raw: Tensor) -> Tensor:
-    """a_t = 0.1 a_{t-1} + 0.9 r_t, upstream's light smoothing of the numerator."""
-    return _NUMERATOR_POLE * previous + (1.0 - _NUMERATOR_POLE) * raw
-
-
 @kernel
 def _update(
+    num_lrc: int,
+    per_tensor: bool,
+    adaptive: bool,
+    statistics_written: bool,
     param: Tensor,
     grad: Tensor,
     momentum: Tensor,
@@ -535,57 +531,48 @@ def _update(
     corr_scale: Tensor | None,
     corr_var: Tensor | None,
     numerator: Tensor | None,
-    step: Tensor,
-    hyper: Tensor,
-    apply: Tensor,
-    num_lrc: int,
-    per_tensor: bool,
-    adaptive: bool,
-    statistics_written: bool,
+    apply: Tensor | None,
+    *scalars: Tensor,
 ) -> Tensor | None:
     """Phase 2: filter the gradient, form the numerator and update the weights in place.
 
-    ``numerator`` is this step's per-tensor numerator (a 0-d tensor, read only) or the
-    elementwise numerator's state, updated here. ``statistics_written``: phase 1 already
-    wrote the second moment and the numerator EMAs. ``apply`` (a 0-d bool) is False on a step
-    that ``skip_nonfinite`` skips: every write then keeps the old value. ``step`` counts the updates
-    before this one. Returns the sum of an elementwise numerator (for the statistic).
+    ``scalars`` are the hyperparameters, the tensor's debias factors and its numerator a_t
+    (``lr``, or the per-tensor numerator); an elementwise numerator's state comes as ``numerator`` and is
+    updated here. ``statistics_written``: phase 1 already wrote the second moment and the
+    numerator EMAs. ``apply`` (``skip_nonfinite``) is False on a step to skip: every write
+    then keeps the old value. Returns the sum of an elementwise numerator (for the statistic).
     """
-    h = _unpack(hyper)
+    h = _unpack(scalars)
     w, g = _gradient(param, grad, h)
-    t = (step + 1.0).to(w.dtype)
 
     d = torch.ones((), dtype=w.dtype, device=w.device)
     if adaptive and statistics_written:
-        d = _denominator(exp_avg_sq, t, h)
+        d = _denominator(exp_avg_sq, h)
     elif adaptive:
         b = h["beta_a"] * exp_avg_sq + h["eta_a"] * g * g
-        d = _denominator(b, t, h)
+        d = _denominator(b, h)
         _store(exp_avg_sq, b, apply)
 
-    # the low-pass filter eta (1 - gamma z^-1) / (1 - beta_i z^-1), normalised to unit DC gain
-    beta_i, gamma = h["beta_i"], h["gamma"]
-    m = beta_i * momentum + h["eta_m"] * g
-    filtered = (m - gamma * momentum) / (1.0 - gamma)
-    filtered = filtered * _debias_factor(t, beta_i, h["eta_m"], h["debias"])
+    # the low-pass filter eta (1 - gamma z^-1) / (1 - beta_i z^-1); momentum_scale holds its
+    # debias factor and the 1 / (1 - gamma) that gives it unit gain at DC
+    m = h["beta_i"] * momentum + h["eta_m"] * g
+    filtered = (m - h["gamma"] * momentum) * h["momentum_scale"]
     _store(momentum, m, apply)
 
-    a = h["lr"]
+    a = h["numerator"]
     elementwise_sum = None
-    if adaptive and num_lrc >= 2:
-        a = numerator
-        if not statistics_written:
-            estimate, new = _numerator_estimate(
-                w, g, d, corr, weight_sq, corr_scale, corr_var, h, num_lrc
-            )
-            _store_numerator_state(new, corr, weight_sq, corr_scale, corr_var, apply)
-            if not per_tensor:
-                a = _smoothed_numerator(numerator, estimate)
-                _store(numerator, a, apply)
-                elementwise_sum = a.sum()
+    if adaptive and num_lrc >= 2 and not statistics_written:
+        estimate, new = _numerator_estimate(
+            w, g, d, corr, weight_sq, corr_scale, corr_var, h, num_lrc
+        )
+        _store_numerator_state(new, corr, weight_sq, corr_scale, corr_var, apply)
+        if not per_tensor:
+            a = _smoothed_numerator(numerator, estimate)
+            _store(numerator, a, apply)
+            elementwise_sum = a.sum()
 
-    decay = (1.0 - beta_i) / (1.0 - gamma) * h["weight_decay"] * h["decoupled"]
-    _store(param, w - h["factor"] * a * (filtered / d + decay * w), apply)
+    update = filtered / d + h["decoupled_decay"] * w
+    _store(param, w - h["factor"] * a * update, apply)
     return elementwise_sum
 
 
@@ -787,33 +774,49 @@ class AutoSGM(HFOptimizer):
         user edits the group, and are copied to the device again only then.
         """
         dtype = accumulation_dtype(like.dtype)
-        eta = group["eta_i"]
+        beta_i, gamma, eta = group["beta_i"], group["gamma"], group["eta_i"]
         fixed = (
             group["beta_n"],
             group["beta_a"],
-            group["beta_i"],
-            group["gamma"],
-            eta or 1.0 - group["beta_i"],
+            beta_i,
+            gamma,
+            eta or 1.0 - beta_i,
             eta or 1.0 - group["beta_a"],
             group["eps"],
             group["eps"] if group["eps_inside_sqrt"] else 0.0,
             group["cf"],
             -1.0 if group["maximize"] else 1.0,
-            float(group["debias"]),
-            float(group["decoupled"]),
         )
         cache = self.__dict__.setdefault("_fixed_hyperparameters", {})
         key = (id(group), dtype, like.device)
         cached = cache.get(key)
         if cached is None or cached[0] != fixed:
             cached = cache[key] = (fixed, torch.tensor(fixed, dtype=dtype).to(like.device))
-        changing = [self._scalar(group, "lr", like), self._scalar(group, "weight_decay", like)]
-        return torch.cat([torch.stack([*changing, factor.to(dtype)]), cached[1]])
+        weight_decay = self._scalar(group, "weight_decay", like)
+        if group["decoupled"]:
+            decays = [weight_decay * 0.0, weight_decay * ((1.0 - beta_i) / (1.0 - gamma))]
+        else:
+            decays = [weight_decay, weight_decay * 0.0]
+        changing = torch.stack([self._scalar(group, "lr", like), factor.to(dtype), *decays])
+        return torch.cat([changing, cached[1]])
+
+    @staticmethod
+    def _tensor_scalars(group: dict[str, Any], steps: Tensor) -> list[Tensor]:
+        """Per tensor: the momentum's scale and the second moment's debias factor at the
+        update after ``steps`` (the tensors' update counts, a 1-D tensor)."""
+        beta_i, beta_a, eta = group["beta_i"], group["beta_a"], group["eta_i"]
+        eta_m, eta_a = eta or 1.0 - beta_i, eta or 1.0 - beta_a
+        t = steps + 1.0
+        ones = torch.ones_like(t)
+        if not group["debias"]:
+            return [ones / (1.0 - group["gamma"]), ones]
+        momentum_scale = ((1.0 - beta_i) / eta_m / (1.0 - group["gamma"])) / (1.0 - beta_i**t)
+        return [momentum_scale, ((1.0 - beta_a) / eta_a) / (1.0 - beta_a**t)]
 
     # -- the step ----------------------------------------------------------------------
     def _step(self, loss: Any) -> None:
         skip = self.defaults["skip_nonfinite"]  # optimizer-wide: one bad tensor skips the step
-        # (group, params with a gradient, its hyperparameters by dtype, its window factor)
+        # (group, params with a gradient, hyperparameters by dtype, window factor, scalars)
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -833,11 +836,15 @@ class AutoSGM(HFOptimizer):
             hypers = {}
             for p in params:
                 if p.dtype not in hypers:
-                    hypers[p.dtype] = self._hyperparameters(group, local(p), factor)
-            work.append((group, params, hypers, factor))
+                    hypers[p.dtype] = self._hyperparameters(group, local(p), factor).unbind()
+            wide = any(p.dtype == torch.float64 for p in params)
+            steps = torch.stack([self.state[p]["step"] for p in params])
+            steps = steps.to(torch.float64 if wide else torch.float32)
+            scalars = self._tensor_scalars(group, steps)
+            work.append((group, params, hypers, factor, scalars))
         if not work:
             return
-        process_group = reduction_group([p for _, params, _, _ in work for p in params])
+        process_group = reduction_group([p for _, params, *_ in work for p in params])
 
         def statistic_tensors(p: Tensor) -> list[Tensor | None]:
             state = self.state[p]
@@ -846,33 +853,33 @@ class AutoSGM(HFOptimizer):
 
         # phase 1: partial sums of the per-tensor numerator estimates and of non-finite
         # gradient entries, reduced in one collective
-        rows, counted = [], []
-        for group, params, hypers, _ in work:
+        compiled = self._compiled(local(work[0][1][0]))
+        items, counted = [], []
+        for group, params, hypers, _, scalars in work:
             if not (_mean_needed(group) or skip):
                 continue
-            for p in params:
-                rows.append(
-                    _statistics(
+            for p, own in zip(params, _per_tensor(scalars), strict=True):
+                items.append(
+                    (
+                        group["num_lrc"] if _mean_needed(group) else 0,
+                        skip,
                         local(p),
                         local(p.grad),
                         *statistic_tensors(p),
-                        self.state[p]["step"],
-                        hypers[p.dtype],
-                        group["num_lrc"] if _mean_needed(group) else 0,
-                        skip,
-                        compiled=self._compiled(p),
+                        *hypers[p.dtype],
+                        *_in_dtype(own, p),
                     )
                 )
                 counted.append((valid_numel(p), counts(p, process_group)))
         apply = None
-        if rows:
+        if items:
+            rows = _statistics.map(items, compiled=compiled)
             sums = self._finish_sums(rows, counted, process_group)
             means = iter((sums[:, 0] / sums[:, 2]).unbind())
             if skip:
                 apply = sums[:, 1].sum() == 0
                 if loss is not None:
                     apply = apply & torch.isfinite(self._loss_tensor(loss, sums))
-
         if apply is not None:
             skipped = torch.logical_not(apply).to(torch.float32)
             for group in self.param_groups:
@@ -883,47 +890,51 @@ class AutoSGM(HFOptimizer):
         # phase 2: the update
         always = torch.ones((), dtype=torch.bool, device=local(work[0][1][0]).device)
         elementwise = []
-        for group, params, hypers, factor in work:
+        for group, params, hypers, factor, scalars in work:
             keep = apply
-            numerators: list[Tensor | None] = [self.state[p].get("numerator") for p in params]
+            numerator_states: list[Tensor | None] = [None] * len(params)
             if _mean_needed(group) or skip:
                 group_means = [next(means) for _ in params]
             if _mean_needed(group):
-                previous = torch.stack(numerators)
-                smoothed = _smoothed_numerator(previous, torch.stack(group_means).to(previous))
-                _keep_list(numerators, smoothed, previous, keep)
-                numerators = list(smoothed.unbind())
-            sums_of_group = []
-            for p, numerator in zip(params, numerators, strict=True):
-                state = self.state[p]
-                elementwise_sum = _update(
-                    local(p),
-                    local(p.grad),
-                    local(state["momentum"]),
-                    *statistic_tensors(p),
-                    None if numerator is None else local(numerator),
-                    state["step"],
-                    hypers[p.dtype],
-                    always if keep is None else keep,
+                states = [self.state[p]["numerator"] for p in params]
+                previous = torch.stack(states)
+                numerators = _smoothed_numerator(previous, torch.stack(group_means).to(previous))
+                _keep_list(states, numerators, previous, keep)
+            elif group["adaptive"] and group["num_lrc"] >= 2:  # elementwise numerators
+                numerator_states = [local(self.state[p]["numerator"]) for p in params]
+                numerators = torch.zeros_like(scalars[0])
+            else:
+                numerators = self._scalar(group, "lr", scalars[0]).expand_as(scalars[0])
+            own_scalars = _per_tensor([*scalars, numerators.to(scalars[0])])
+            items = [
+                (
                     group["num_lrc"] if group["adaptive"] else 0,
                     group["per_tensor"] or group["num_lrc"] < 2,
                     group["adaptive"],
                     _mean_needed(group) and not skip,
-                    compiled=self._compiled(p),
+                    local(p),
+                    local(p.grad),
+                    local(self.state[p]["momentum"]),
+                    *statistic_tensors(p),
+                    numerator_state,
+                    always if keep is None else keep,
+                    *hypers[p.dtype],
+                    *_in_dtype(own, p),
                 )
-                if elementwise_sum is not None:
-                    sums_of_group.append(elementwise_sum)
-            steps = [self.state[p]["step"] for p in params]
+                for p, own, numerator_state in zip(
+                    params, own_scalars, numerator_states, strict=True
+                )
+            ]
+            results = _update.map(items, compiled=compiled)
+            sums_of_group = [r for r in results if r is not None]
             advance = 1.0 if keep is None else keep.to(torch.float32)
-            torch._foreach_add_(steps, advance)
+            torch._foreach_add_([self.state[p]["step"] for p in params], advance)
             group["step"].add_(advance)
             _keep(group, "window_factor", factor, keep)
             if sums_of_group:
                 elementwise.append((group, params, sums_of_group, factor, keep))
-            elif _mean_needed(group):
-                _keep(group, "lr_effective", factor * torch.stack(numerators).mean(), keep)
             else:
-                _keep(group, "lr_effective", factor * self._scalar(group, "lr", factor), keep)
+                _keep(group, "lr_effective", factor * numerators.mean(), keep)
         if elementwise:
             # the statistic of elementwise numerators: per-tensor means, one more collective
             rows = [torch.stack([s, torch.zeros_like(s)]) for *_, sums, _, _ in elementwise
@@ -958,6 +969,16 @@ class AutoSGM(HFOptimizer):
             values = [[float(n), float(owned)] for n, owned in counted]
             cache[key] = torch.tensor(values, dtype=dtype).to(device)
         return cache[key]
+
+
+def _per_tensor(columns: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """Per-tensor 0-d scalars from vectors with one entry per tensor."""
+    return list(zip(*(column.unbind() for column in columns), strict=True))
+
+
+def _in_dtype(scalars: tuple[Tensor, ...], p: Tensor) -> tuple[Tensor, ...]:
+    dtype = accumulation_dtype(p.dtype)
+    return tuple(s if s.dtype == dtype else s.to(dtype) for s in scalars)
 
 
 def _mean_needed(group: dict[str, Any]) -> bool:
