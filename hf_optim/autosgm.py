@@ -137,6 +137,9 @@ _NUMERATOR_KEYS = {
     4: ("corr", "weight_sq", "corr_scale", "corr_var"),
 }
 
+#: Param-group entries that are state: the window's step counter and the statistics.
+_GROUP_STATE = ("step", "lr_effective", "window_factor", "skipped_steps")
+
 #: The numerator smoothing of upstream (pole 0.1).
 _NUMERATOR_POLE = 0.1
 
@@ -636,7 +639,7 @@ class AutoSGM(HFOptimizer):
         {"momentum", "exp_avg_sq", "corr", "weight_sq", "corr_scale", "corr_var", "numerator"}
     )
     counter_state_keys = frozenset({"step"})
-    group_state_keys = ("step", "lr_effective", "window_factor", "skipped_steps")
+    group_state_keys = _GROUP_STATE
 
     def __init__(
         self,
@@ -734,6 +737,19 @@ class AutoSGM(HFOptimizer):
         normalized = _normalize({k: merged[k] for k in _DEFAULTS}, origin)
         param_group.update({k: v for k, v in normalized.items() if k in param_group})
         super().add_param_group(param_group)  # runs _check_group on the completed group
+        self._init_group_state(self.param_groups[-1])
+
+    @staticmethod
+    def _init_group_state(group: dict[str, Any]) -> None:
+        """The group's state entries, present from the start so that a checkpoint template
+        (torch.distributed.checkpoint loads only the keys a fresh optimizer has) holds them."""
+        like = local(group["params"][0]) if group["params"] else torch.zeros(())
+        wide = accumulation_dtype(like.dtype) if like.is_floating_point() else torch.float32
+        initial = {"step": 0.0, "skipped_steps": 0.0, "window_factor": 1.0, "lr_effective": 0.0}
+        for key, value in initial.items():
+            if key not in group:
+                dtype = wide if key == "lr_effective" else torch.float32
+                group[key] = torch.full((), value, dtype=dtype, device=like.device)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Check every option and store its canonical value (flags as bools, num_lrc 1 as 0)."""
@@ -828,10 +844,11 @@ class AutoSGM(HFOptimizer):
             params = [p for p in params if p.numel() > 0]
             if not params:
                 continue
+            self._init_group_state(group)  # a group of an older checkpoint may lack some
             device = local(params[0]).device
-            for key in ("step", "skipped_steps"):
-                if key not in group:
-                    group[key] = torch.zeros((), dtype=torch.float32, device=device)
+            for key in _GROUP_STATE:
+                if group[key].device != device:
+                    group[key] = group[key].to(device)
             factor = window_factor(group["step"] + 1.0, group)
             hypers = {}
             for p in params:
@@ -987,10 +1004,10 @@ def _mean_needed(group: dict[str, Any]) -> bool:
 
 
 def _keep(group: dict[str, Any], key: str, value: Tensor, keep: Tensor | None) -> None:
-    """Set a group statistic; on a skipped step (``keep`` False) the old value stays."""
-    if keep is not None and key in group:
-        value = torch.where(keep, value, group[key].to(value))
-    group[key] = value
+    """Set a group statistic (in its dtype); on a skipped step (``keep`` False) the old value
+    stays."""
+    value = value.to(group[key].dtype)
+    group[key] = value if keep is None else torch.where(keep, value, group[key])
 
 
 def _keep_list(
