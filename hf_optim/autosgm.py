@@ -3,8 +3,8 @@ learning rate.
 
 Paper and code: O. Somefun et al., "AutoSGM: a unifying framework for accelerated learning"
 (https://somefunagba.github.io/asgm), upstream ``somefunAgba/autosgm`` file ``asgm.py``. This
-module implements the seed-era algorithm (upstream commit ``07b5e79``, whose README is the seed
-document) from its described behaviour, accepting both its configuration tuples and readable
+module implements the algorithm of upstream commit ``07b5e79`` (the version its README
+describes) from its described behaviour, accepting both its configuration tuples and readable
 keyword arguments.
 
 The update, for one parameter tensor :math:`w` with gradient :math:`g_t` at its
@@ -72,8 +72,8 @@ Differences from the upstream code, and why:
   (``cfact=0``) the epoch advances every ``spe`` steps; upstream advanced it every ``tau`` steps
   (a bug). Only the rectangular input sequence is implemented (``inseq=0``; the Kronecker
   sequence precomputed a sorted Python list of the whole window per parameter) and
-  ``cfact`` in {0, 1, 2} (``cfact>2`` stacked sub-window staircases, undocumented in the seed).
-* ``polynomial`` (``rcm=4``) is :math:`(1-f^n)^2`, as the seed code computes it.
+  ``cfact`` in {0, 1, 2} (``cfact>2`` stacked sub-window staircases, undocumented upstream).
+* ``polynomial`` (``rcm=4``) is :math:`(1-f^n)^2`, as upstream's code at ``07b5e79`` computes it.
   ``logistic_late`` (``rcm=6``) is normalised to run from exactly 1 to exactly the floor;
   upstream normalised it with the bounds of the mid-point logistic, so it started above 1 and
   ended above the floor.
@@ -93,14 +93,22 @@ Differences from the upstream code, and why:
   under ``torch.no_grad``. ``debug`` and ``history`` tracing are not provided; live statistics
   come through :meth:`~hf_optim.HFOptimizer.statistics`.
 
-Three paths compute the same update (the tests hold them equal in float64):
-``_single_tensor_autosgm``, the readable reference (``foreach=False``);
-``_multi_tensor_autosgm``, ``torch._foreach_*`` ops, used off CPU, under ``torch.compile`` and
-for small tensors on CPU; ``_blocked_autosgm``, the CPU default for larger tensors, which sweeps
-each tensor in cache-sized blocks with
-preallocated scratch buffers (the numerators of ``num_lrc`` 3 and 4 take ~30 elementwise
-operations; in cache and without temporaries they cost about a third of what they cost as whole-
-tensor passes).
+How it runs. The update is written once, as two per-tensor kernels (:mod:`hf_optim._kernels`):
+``_statistics`` (phase 1, only for per-tensor numerators or ``skip_nonfinite``) returns a
+tensor's partial sums, the sum of its numerator estimate and its count of non-finite gradient
+entries, and writes the new second moment and numerator EMAs; ``_update`` (phase 2) filters the
+gradient and updates the weights in place. ``implementation="compiled"`` (the default
+``"auto"`` where a compiler works for the device) runs the same functions through
+``torch.compile``, fusing each into one pass over memory; ``"eager"`` is the reference. Between
+the phases the partial sums of every tensor of every group are stacked and reduced once
+(:func:`hf_optim._reduce.finish_sums`), so under FSDP2 (DTensor parameters) each rank works on
+its local shard and the per-tensor means are those of the whole tensor: one collective per step
+(two with elementwise numerators, whose per-tensor means feed only the ``lr_effective``
+statistic). With ``skip_nonfinite=True`` phase 1 writes nothing, phase 2 recomputes the
+statistics, and on a step whose gradients (or loss) are not all finite every write keeps the old
+value (decided on the device: no host synchronisation); such steps are counted in the group entry
+``skipped_steps``. The per-tensor numerators and the step counters (0-d tensors) are updated
+outside the kernels, for all tensors of a group at once.
 """
 
 from __future__ import annotations
@@ -114,7 +122,8 @@ import torch
 from torch import Tensor
 
 from ._base import HFOptimizer, check_choice, check_range
-from ._reduce import accumulation_dtype, finish_sums, tensor_sums
+from ._kernels import kernel
+from ._reduce import accumulation_dtype, counts, finish_sums, local, reduction_group, valid_numel
 
 __all__ = ["AutoSGM", "WINDOWS", "window_factor"]
 
@@ -127,6 +136,9 @@ _NUMERATOR_KEYS = {
     3: ("corr", "weight_sq", "corr_scale"),
     4: ("corr", "weight_sq", "corr_scale", "corr_var"),
 }
+
+#: Param-group entries that are state: the window's step counter and the statistics.
+_GROUP_STATE = ("step", "lr_effective", "window_factor", "skipped_steps")
 
 #: The numerator smoothing of upstream (pole 0.1).
 _NUMERATOR_POLE = 0.1
@@ -229,6 +241,8 @@ def _translate(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         from_tuples.update(items)
     for key, value in from_tuples.items():
         if key in readable and readable[key] != value:
+            # an invalid keyword gets the message it gets anywhere else (add_param_group)
+            _normalize({**_DEFAULTS, key: readable[key]}, {})
             raise ValueError(
                 f"{key}={readable[key]!r} conflicts with {origin[key]}={value!r}: give the "
                 f"setting once, either as a keyword or inside the tuple"
@@ -365,6 +379,206 @@ def window_factor(step: Tensor, group: dict[str, Any]) -> Tensor:
     return value
 
 
+# -- the per-tensor math ----------------------------------------------------------------------
+# The kernels take the group's hyperparameters and then the tensor's own scalars (its debias
+# factors, its numerator) as trailing 0-d tensors, named on entry (``_unpack``): values that
+# change during a run never reach the compiler as Python numbers, and the bias corrections (a
+# power of the step) are computed once per tensor outside the kernel, not once per vector of
+# elements inside it. The leading Python arguments (num_lrc, per_tensor, ...) select the
+# structure of the update; each combination compiles once per dtype and device.
+_HYPERPARAMETERS = (
+    "lr", "factor", "coupled_decay", "decoupled_decay", "beta_n", "beta_a", "beta_i", "gamma",
+    "eta_m", "eta_a", "eps", "eps_in", "cf", "sign",
+)  # fmt: skip
+#: a tensor's own scalars: the momentum's scale (debias / (1 - gamma)), the second moment's
+#: debias factor, and (phase 2, except for elementwise numerators) the numerator a_t
+_TENSOR_SCALARS = ("momentum_scale", "second_scale", "numerator")
+
+
+def _unpack(scalars: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    return dict(zip(_HYPERPARAMETERS + _TENSOR_SCALARS, scalars, strict=False))
+
+
+def _gradient(param: Tensor, grad: Tensor, h: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The weights and the gradient in the accumulation dtype, with the sign of ``maximize``
+    and the coupled (L2) weight decay."""
+    w = param.to(h["lr"].dtype)
+    return w, h["sign"] * grad.to(w.dtype) + h["coupled_decay"] * w
+
+
+def _denominator(b: Tensor, h: dict[str, Tensor]) -> Tensor:
+    """d = sqrt(c2 b + eps_in) + eps, with c2 the second moment's debias factor."""
+    return torch.sqrt(b * h["second_scale"] + h["eps_in"]) + h["eps"]
+
+
+def _tukey(d: Tensor) -> Tensor:
+    d = d.clamp(max=1.0)
+    return (1.0 - d * d).square() * d
+
+
+def _numerator_estimate(
+    w: Tensor,
+    g: Tensor,
+    d: Tensor,
+    corr: Tensor,
+    weight_sq: Tensor | None,
+    corr_scale: Tensor | None,
+    corr_var: Tensor | None,
+    h: dict[str, Tensor],
+    num_lrc: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped numerator estimate of num_lrc 2, 3, 4 and the new values of its EMAs."""
+    lr, beta_n, eps = h["lr"], h["beta_n"], h["eps"]
+    normalized = g / d
+    if num_lrc == 2:
+        corr = beta_n * corr + (1.0 - beta_n) * lr * (w * w + normalized * normalized)
+        return torch.clamp(corr, max=lr), {"corr": corr}
+    weight_sq = beta_n * weight_sq + (1.0 - beta_n) * w * w
+    weight_power = beta_n * weight_sq if num_lrc == 3 else weight_sq
+    lr_scaled = lr / (1.0 + weight_power)
+    x = w * normalized
+    new = {"weight_sq": weight_sq}
+    if num_lrc == 3:
+        magnitude = x.abs() + eps
+        corr_scale = beta_n * corr_scale + (1.0 - beta_n) * magnitude
+        cap = h["cf"] * corr_scale
+    else:
+        corr_scale = beta_n * corr_scale + (1.0 - beta_n) * x
+        magnitude = (x - corr_scale).abs() + eps
+        corr_var = beta_n * corr_var + (1.0 - beta_n) * magnitude * magnitude
+        cap = torch.sqrt(corr_var) + eps
+        new["corr_var"] = corr_var
+    new["corr_scale"] = corr_scale
+    robust = x / magnitude * torch.minimum(magnitude, cap)
+    corr = beta_n * corr + lr_scaled * robust
+    new["corr"] = corr
+    low = _tukey(d) * lr_scaled
+    high = lr_scaled * (1.0 + weight_power).square()
+    return torch.minimum(torch.maximum(corr.abs(), low), high), new
+
+
+def _smoothed_numerator(previous: Tensor, raw: Tensor) -> Tensor:
+    """a_t = 0.1 a_{t-1} + 0.9 r_t, upstream's light smoothing of the numerator."""
+    return _NUMERATOR_POLE * previous + (1.0 - _NUMERATOR_POLE) * raw
+
+
+def _store(target: Tensor, value: Tensor, apply: Tensor | None) -> None:
+    """Write ``value`` into ``target``; keep ``target`` where ``apply`` is False (a step that
+    ``skip_nonfinite`` skips; compiled, the select costs no traffic: ``target`` is read anyway)."""
+    target.copy_(value if apply is None else torch.where(apply, value, target))
+
+
+def _store_numerator_state(
+    new: dict[str, Tensor],
+    corr: Tensor,
+    weight_sq: Tensor | None,
+    corr_scale: Tensor | None,
+    corr_var: Tensor | None,
+    apply: Tensor | None,
+) -> None:
+    targets = {"corr": corr, "weight_sq": weight_sq, "corr_scale": corr_scale, "corr_var": corr_var}
+    for key, value in new.items():
+        _store(targets[key], value, apply)
+
+
+@kernel
+def _statistics(
+    num_lrc: int,
+    skip_nonfinite: bool,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg_sq: Tensor | None,
+    corr: Tensor | None,
+    weight_sq: Tensor | None,
+    corr_scale: Tensor | None,
+    corr_var: Tensor | None,
+    *scalars: Tensor,
+) -> Tensor:
+    """Phase 1, for a per-tensor numerator (num_lrc 2, 3, 4) or a finite check: this tensor's
+    partial sums (sum of the numerator estimate, count of non-finite gradient entries).
+
+    Without ``skip_nonfinite`` the new second moment and numerator EMAs are written here and
+    phase 2 reads them; with it nothing is written (the step may yet be skipped) and phase 2
+    computes them again.
+    """
+    h = _unpack(scalars)
+    w, g = _gradient(param, grad, h)
+    estimate_sum = torch.zeros((), dtype=w.dtype, device=w.device)
+    if num_lrc >= 2:
+        b = h["beta_a"] * exp_avg_sq + h["eta_a"] * g * g
+        estimate, new = _numerator_estimate(
+            w, g, _denominator(b, h), corr, weight_sq, corr_scale, corr_var, h, num_lrc
+        )
+        estimate_sum = estimate.sum()
+        if not skip_nonfinite:
+            exp_avg_sq.copy_(b)
+            _store_numerator_state(new, corr, weight_sq, corr_scale, corr_var, None)
+    nonfinite = torch.zeros_like(estimate_sum)
+    if skip_nonfinite:
+        nonfinite = torch.logical_not(torch.isfinite(grad)).sum().to(w.dtype)
+    return torch.stack([estimate_sum, nonfinite])
+
+
+@kernel
+def _update(
+    num_lrc: int,
+    per_tensor: bool,
+    adaptive: bool,
+    statistics_written: bool,
+    param: Tensor,
+    grad: Tensor,
+    momentum: Tensor,
+    exp_avg_sq: Tensor | None,
+    corr: Tensor | None,
+    weight_sq: Tensor | None,
+    corr_scale: Tensor | None,
+    corr_var: Tensor | None,
+    numerator: Tensor | None,
+    apply: Tensor | None,
+    *scalars: Tensor,
+) -> Tensor | None:
+    """Phase 2: filter the gradient, form the numerator and update the weights in place.
+
+    ``scalars`` are the hyperparameters, the tensor's debias factors and its numerator a_t
+    (``lr``, or the per-tensor numerator); an elementwise numerator's state comes as ``numerator`` and is
+    updated here. ``statistics_written``: phase 1 already wrote the second moment and the
+    numerator EMAs. ``apply`` (``skip_nonfinite``) is False on a step to skip: every write
+    then keeps the old value. Returns the sum of an elementwise numerator (for the statistic).
+    """
+    h = _unpack(scalars)
+    w, g = _gradient(param, grad, h)
+
+    d = torch.ones((), dtype=w.dtype, device=w.device)
+    if adaptive and statistics_written:
+        d = _denominator(exp_avg_sq, h)
+    elif adaptive:
+        b = h["beta_a"] * exp_avg_sq + h["eta_a"] * g * g
+        d = _denominator(b, h)
+        _store(exp_avg_sq, b, apply)
+
+    # the low-pass filter eta (1 - gamma z^-1) / (1 - beta_i z^-1); momentum_scale holds its
+    # debias factor and the 1 / (1 - gamma) that gives it unit gain at DC
+    m = h["beta_i"] * momentum + h["eta_m"] * g
+    filtered = (m - h["gamma"] * momentum) * h["momentum_scale"]
+    _store(momentum, m, apply)
+
+    a = h["numerator"]
+    elementwise_sum = None
+    if adaptive and num_lrc >= 2 and not statistics_written:
+        estimate, new = _numerator_estimate(
+            w, g, d, corr, weight_sq, corr_scale, corr_var, h, num_lrc
+        )
+        _store_numerator_state(new, corr, weight_sq, corr_scale, corr_var, apply)
+        if not per_tensor:
+            a = _smoothed_numerator(numerator, estimate)
+            _store(numerator, a, apply)
+            elementwise_sum = a.sum()
+
+    update = filtered / d + h["decoupled_decay"] * w
+    _store(param, w - h["factor"] * a * update, apply)
+    return elementwise_sum
+
+
 # -- the optimizer -----------------------------------------------------------------------------
 class AutoSGM(HFOptimizer):
     r"""AutoSGM: low-pass-filter momentum, a moment-estimator denominator and an
@@ -376,7 +590,8 @@ class AutoSGM(HFOptimizer):
 
     Args:
         params: parameters or param-group dicts (groups may use the same keywords or tuples).
-        lr: :math:`\mu`, the learning rate (``lr_cfg[1]``). Read from the group every step.
+        lr: :math:`\mu`, the learning rate (``lr_cfg[1]``); a float or a 0-d tensor, read from
+            the group every step.
         num_lrc: the numerator: 0 constant, 2 max-bound, 3 Markov-robust, 4 Chebyshev-robust
             correlation estimate; 1 is an alias of 0 (``lr_cfg[2]``).
         adaptive: divide by the moment estimator and use the numerator (``lr_cfg[0]``); with
@@ -408,17 +623,28 @@ class AutoSGM(HFOptimizer):
         per_tensor: one numerator per tensor, the mean of the estimate (``miscs[0]``).
         cf: the Markov bound factor of ``num_lrc=3``.
         maximize: maximise the objective.
-        foreach: use the multi-tensor path (default) or the single-tensor reference loop.
         lr_cfg, beta_cfg, rc_cfg, wd_cfg, eps_cfg, miscs: upstream's tuples (see above).
         debug: accepted for upstream compatibility; only ``False``.
+        implementation: ``"auto"`` (compiled kernels where a compiler works for the device),
+            ``"compiled"`` or ``"eager"`` (the reference).
+        skip_nonfinite: leave parameters and state exactly as they are on a step whose
+            gradients (or loss) are not all finite, counting it in ``skipped_steps``.
     """
 
-    statistic_keys = ("lr_effective", "window_factor")
+    statistic_keys = ("lr_effective", "window_factor", "skipped_steps")
+    #: upstream arguments that set a readable one a framework also passes (the Trainer's lr and
+    #: weight_decay): a user's tuple in ``optim_args`` wins over the framework's value
+    argument_aliases = {"lr_cfg": "lr", "wd_cfg": "weight_decay", "eps_cfg": "eps"}
+    wide_state_keys = frozenset(
+        {"momentum", "exp_avg_sq", "corr", "weight_sq", "corr_scale", "corr_var", "numerator"}
+    )
+    counter_state_keys = frozenset({"step"})
+    group_state_keys = _GROUP_STATE
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | None = None,
+        lr: float | Tensor | None = None,
         num_lrc: int | None = None,
         *,
         adaptive: bool | None = None,
@@ -443,7 +669,6 @@ class AutoSGM(HFOptimizer):
         per_tensor: bool | None = None,
         cf: float | None = None,
         maximize: bool | None = None,
-        foreach: bool | None = None,
         lr_cfg: tuple | None = None,
         beta_cfg: tuple | None = None,
         rc_cfg: tuple | None = None,
@@ -451,6 +676,8 @@ class AutoSGM(HFOptimizer):
         eps_cfg: tuple | None = None,
         miscs: tuple | None = None,
         debug: bool = False,
+        implementation: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         if debug is not False:
             raise ValueError(
@@ -495,7 +722,7 @@ class AutoSGM(HFOptimizer):
         }
         options, origin = _translate(given)
         defaults = _normalize({**_DEFAULTS, **options}, origin)
-        defaults["foreach"] = foreach
+        defaults.update(implementation=implementation, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -509,598 +736,284 @@ class AutoSGM(HFOptimizer):
         merged = {**self.defaults, **param_group}
         normalized = _normalize({k: merged[k] for k in _DEFAULTS}, origin)
         param_group.update({k: v for k, v in normalized.items() if k in param_group})
-        super().add_param_group(param_group)
-        # the group now holds every default; store the canonical values
-        self.param_groups[-1].update(normalized)
+        super().add_param_group(param_group)  # runs _check_group on the completed group
+        self._init_group_state(self.param_groups[-1])
+
+    @staticmethod
+    def _init_group_state(group: dict[str, Any]) -> None:
+        """The group's state entries, present from the start so that a checkpoint template
+        (torch.distributed.checkpoint loads only the keys a fresh optimizer has) holds them."""
+        like = local(group["params"][0]) if group["params"] else torch.zeros(())
+        wide = accumulation_dtype(like.dtype) if like.is_floating_point() else torch.float32
+        initial = {"step": 0.0, "skipped_steps": 0.0, "window_factor": 1.0, "lr_effective": 0.0}
+        for key, value in initial.items():
+            if key not in group:
+                dtype = wide if key == "lr_effective" else torch.float32
+                group[key] = torch.full((), value, dtype=dtype, device=like.device)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Check every option and store its canonical value (flags as bools, num_lrc 1 as 0)."""
+        group.update(_normalize({k: group[k] for k in _DEFAULTS}, {}))
 
     def init(self) -> None:
         """Accepted for code written for upstream, whose ``init()`` pre-created the state.
-        State here is created lazily at a parameter's first step, so this does nothing."""
+        State here is created at a parameter's first step, so this does nothing."""
 
-    # -- the step ----------------------------------------------------------------------
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    # -- state -------------------------------------------------------------------------
+    def _init_param_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """The state of ``p`` before its first update: zero filters and a zero numerator."""
         state = self.state[p]
         dtype = accumulation_dtype(p.dtype)
 
-        def buffer(key: str) -> None:
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        def zeros_like_p() -> Tensor:
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        buffer("momentum")
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
+        state["momentum"] = zeros_like_p()
         if group["adaptive"]:
-            buffer("exp_avg_sq")
-            num_lrc = group["num_lrc"]
-            for key in _NUMERATOR_KEYS.get(num_lrc, ()):
-                buffer(key)
-            if num_lrc >= 2 and "numerator" not in state:
-                if group["per_tensor"]:
-                    state["numerator"] = torch.zeros((), dtype=dtype, device=p.device)
-                else:
-                    buffer("numerator")
-        return state
+            state["exp_avg_sq"] = zeros_like_p()
+            for key in _NUMERATOR_KEYS.get(group["num_lrc"], ()):
+                state[key] = zeros_like_p()
+            if group["num_lrc"] >= 2:
+                state["numerator"] = (
+                    torch.zeros((), dtype=dtype, device=local(p).device)
+                    if group["per_tensor"]
+                    else zeros_like_p()
+                )
 
+    def _hyperparameters(self, group: dict[str, Any], like: Tensor, factor: Tensor) -> Tensor:
+        """The group's hyperparameters as one 1-D tensor (in the order of
+        ``_HYPERPARAMETERS``), for tensors like ``like``.
+
+        ``lr`` and ``weight_decay`` come from the base's cached 0-d tensors (a scheduler that
+        changes them every step costs no host-device copy); the others change only when the
+        user edits the group, and are copied to the device again only then.
+        """
+        dtype = accumulation_dtype(like.dtype)
+        beta_i, gamma, eta = group["beta_i"], group["gamma"], group["eta_i"]
+        fixed = (
+            group["beta_n"],
+            group["beta_a"],
+            beta_i,
+            gamma,
+            eta or 1.0 - beta_i,
+            eta or 1.0 - group["beta_a"],
+            group["eps"],
+            group["eps"] if group["eps_inside_sqrt"] else 0.0,
+            group["cf"],
+            -1.0 if group["maximize"] else 1.0,
+        )
+        cache = self.__dict__.setdefault("_fixed_hyperparameters", {})
+        key = (id(group), dtype, like.device)
+        cached = cache.get(key)
+        if cached is None or cached[0] != fixed:
+            cached = cache[key] = (fixed, torch.tensor(fixed, dtype=dtype).to(like.device))
+        weight_decay = self._scalar(group, "weight_decay", like)
+        if group["decoupled"]:
+            decays = [weight_decay * 0.0, weight_decay * ((1.0 - beta_i) / (1.0 - gamma))]
+        else:
+            decays = [weight_decay, weight_decay * 0.0]
+        changing = torch.stack([self._scalar(group, "lr", like), factor.to(dtype), *decays])
+        return torch.cat([changing, cached[1]])
+
+    @staticmethod
+    def _tensor_scalars(group: dict[str, Any], steps: Tensor) -> list[Tensor]:
+        """Per tensor: the momentum's scale and the second moment's debias factor at the
+        update after ``steps`` (the tensors' update counts, a 1-D tensor)."""
+        beta_i, beta_a, eta = group["beta_i"], group["beta_a"], group["eta_i"]
+        eta_m, eta_a = eta or 1.0 - beta_i, eta or 1.0 - beta_a
+        t = steps + 1.0
+        ones = torch.ones_like(t)
+        if not group["debias"]:
+            return [ones / (1.0 - group["gamma"]), ones]
+        momentum_scale = ((1.0 - beta_i) / eta_m / (1.0 - group["gamma"])) / (1.0 - beta_i**t)
+        return [momentum_scale, ((1.0 - beta_a) / eta_a) / (1.0 - beta_a**t)]
+
+    # -- the step ----------------------------------------------------------------------
     def _step(self, loss: Any) -> None:
+        skip = self.defaults["skip_nonfinite"]  # optimizer-wide: one bad tensor skips the step
+        # (group, params with a gradient, hyperparameters by dtype, window factor, scalars)
+        work = []
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            states: list[dict[str, Tensor]] = []
-            for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("AutoSGM does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
-                states.append(self._init_state(p, group))
+                if p not in self.state:
+                    self._init_param_state(group, p)
+            params = [p for p in params if p.numel() > 0]
             if not params:
                 continue
-            device = params[0].device
-            if "step" not in group:
-                group["step"] = torch.zeros((), dtype=torch.float32, device=device)
-            elif group["step"].device != device:
-                group["step"] = group["step"].to(device)
-            group["step"] += 1
-            factor = window_factor(group["step"], group)
-            if not self._use_foreach(group):
-                numerators = _single_tensor_autosgm(params, grads, states, group, factor)
-            elif _use_blocks(params):
-                # large tensors in cache-sized blocks, small ones together with foreach ops
-                numerators = torch.cat(
-                    [
-                        path([params[i] for i in part], [grads[i] for i in part],
-                             [states[i] for i in part], group, factor)
-                        for path, part in _split_by_size(params)
-                    ]
-                )  # fmt: skip
+            self._init_group_state(group)  # a group of an older checkpoint may lack some
+            device = local(params[0]).device
+            for key in _GROUP_STATE:
+                if group[key].device != device:
+                    group[key] = group[key].to(device)
+            factor = window_factor(group["step"] + 1.0, group)
+            hypers = {}
+            for p in params:
+                if p.dtype not in hypers:
+                    hypers[p.dtype] = self._hyperparameters(group, local(p), factor).unbind()
+            wide = any(p.dtype == torch.float64 for p in params)
+            steps = torch.stack([self.state[p]["step"] for p in params])
+            steps = steps.to(torch.float64 if wide else torch.float32)
+            scalars = self._tensor_scalars(group, steps)
+            work.append((group, params, hypers, factor, scalars))
+        if not work:
+            return
+        process_group = reduction_group([p for _, params, *_ in work for p in params])
+
+        def statistic_tensors(p: Tensor) -> list[Tensor | None]:
+            state = self.state[p]
+            names = ("exp_avg_sq", "corr", "weight_sq", "corr_scale", "corr_var")
+            return [local(state[key]) if key in state else None for key in names]
+
+        # phase 1: partial sums of the per-tensor numerator estimates and of non-finite
+        # gradient entries, reduced in one collective
+        compiled = self._compiled(local(work[0][1][0]))
+        items, counted = [], []
+        for group, params, hypers, _, scalars in work:
+            if not (_mean_needed(group) or skip):
+                continue
+            for p, own in zip(params, _per_tensor(scalars), strict=True):
+                items.append(
+                    (
+                        group["num_lrc"] if _mean_needed(group) else 0,
+                        skip,
+                        local(p),
+                        local(p.grad),
+                        *statistic_tensors(p),
+                        *hypers[p.dtype],
+                        *_in_dtype(own, p),
+                    )
+                )
+                counted.append((valid_numel(p), counts(p, process_group)))
+        apply = None
+        if items:
+            rows = _statistics.map(items, compiled=compiled)
+            sums = self._finish_sums(rows, counted, process_group)
+            means = iter((sums[:, 0] / sums[:, 2]).unbind())
+            if skip:
+                apply = sums[:, 1].sum() == 0
+                if loss is not None:
+                    apply = apply & torch.isfinite(self._loss_tensor(loss, sums))
+        if apply is not None:
+            skipped = torch.logical_not(apply).to(torch.float32)
+            for group in self.param_groups:
+                if "skipped_steps" not in group:
+                    group["skipped_steps"] = torch.zeros_like(skipped)
+                group["skipped_steps"].add_(skipped)
+
+        # phase 2: the update
+        always = torch.ones((), dtype=torch.bool, device=local(work[0][1][0]).device)
+        elementwise = []
+        for group, params, hypers, factor, scalars in work:
+            keep = apply
+            numerator_states: list[Tensor | None] = [None] * len(params)
+            if _mean_needed(group) or skip:
+                group_means = [next(means) for _ in params]
+            if _mean_needed(group):
+                states = [self.state[p]["numerator"] for p in params]
+                previous = torch.stack(states)
+                numerators = _smoothed_numerator(previous, torch.stack(group_means).to(previous))
+                _keep_list(states, numerators, previous, keep)
+            elif group["adaptive"] and group["num_lrc"] >= 2:  # elementwise numerators
+                numerator_states = [local(self.state[p]["numerator"]) for p in params]
+                numerators = torch.zeros_like(scalars[0])
             else:
-                numerators = _multi_tensor_autosgm(params, grads, states, group, factor)
-            group["window_factor"] = factor
-            group["lr_effective"] = numerators.mean()
-
-
-def _filter_gains(group: dict[str, Any]) -> tuple[float, float]:
-    """Input gains of the momentum and second-moment filters (0 selects 1 - pole)."""
-    eta = group["eta_i"]
-    return (eta or 1.0 - group["beta_i"]), (eta or 1.0 - group["beta_a"])
-
-
-def _debias(step: Tensor, beta: float, eta: float) -> Tensor:
-    return ((1.0 - beta) / eta) / (1.0 - torch.pow(beta, step))
-
-
-def _tukey(d: Tensor) -> Tensor:
-    d = d.clamp(max=1.0)
-    return (1.0 - d * d).square() * d
-
-
-def _per_tensor_mean(tensor: Tensor) -> Tensor:
-    # a per-tensor reduction: under sharding the partial sums are finished across shards
-    return finish_sums(tensor_sums([tensor]))[0] / tensor.numel()
-
-
-# -- the single-tensor reference ---------------------------------------------------------------
-def _single_tensor_autosgm(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    group: dict[str, Any],
-    factor: Tensor,
-) -> Tensor:
-    """The readable reference: one tensor at a time, the math as in the module docstring."""
-    lr, num_lrc, adaptive = group["lr"], group["num_lrc"], group["adaptive"]
-    beta_n, beta_a, beta_i, gamma = (group[k] for k in ("beta_n", "beta_a", "beta_i", "gamma"))
-    weight_decay, eps = group["weight_decay"], group["eps"]
-    eta_m, eta_a = _filter_gains(group)
-    numerators: list[Tensor] = []
-    for param, grad, state in zip(params, grads, states, strict=True):
-        dtype = accumulation_dtype(param.dtype)
-        w = param.to(dtype)
-        g = grad.to(dtype)
-        g = -g if group["maximize"] else g
-        if weight_decay != 0.0 and not group["decoupled"]:
-            g = g + weight_decay * w
-        step = state["step"]
-        step += 1
-        t = step.to(dtype)
-
-        if adaptive:
-            second = state["exp_avg_sq"]
-            second.mul_(beta_a).addcmul_(g, g, value=eta_a)
-            v_hat = second * _debias(t, beta_a, eta_a) if group["debias"] else second
-            if group["eps_inside_sqrt"]:
-                v_hat = v_hat + eps
-            d = v_hat.sqrt() + eps
-        else:
-            d = torch.ones_like(g)
-
-        momentum = state["momentum"]
-        previous = momentum.clone()
-        momentum.mul_(beta_i).add_(g, alpha=eta_m)
-        filtered = (momentum - gamma * previous) / (1.0 - gamma)
-        if group["debias"]:
-            filtered = filtered * _debias(t, beta_i, eta_m)
-        update = filtered / d
-
-        if adaptive and num_lrc >= 2:
-            numerator = _reference_numerator(w, g / d, d, state, group)
-        else:
-            numerator = torch.full((), lr, dtype=dtype, device=param.device)
-        numerators.append(numerator.mean() if numerator.ndim else numerator)
-
-        if weight_decay != 0.0 and group["decoupled"]:
-            update = update + (1.0 - beta_i) / (1.0 - gamma) * weight_decay * w
-        param.copy_(w - factor.to(dtype) * numerator * update)
-    return factor * torch.stack(numerators)
-
-
-def _reference_numerator(
-    w: Tensor, g_normalized: Tensor, d: Tensor, state: dict[str, Tensor], group: dict[str, Any]
-) -> Tensor:
-    lr, num_lrc, beta_n, eps = group["lr"], group["num_lrc"], group["beta_n"], group["eps"]
-    corr = state["corr"]
-    if num_lrc == 2:
-        corr.mul_(beta_n).add_(lr * (w * w + g_normalized * g_normalized), alpha=1.0 - beta_n)
-        estimate = corr.clamp(max=lr)
-    else:
-        weight_sq = state["weight_sq"]
-        weight_sq.mul_(beta_n).add_(w * w, alpha=1.0 - beta_n)
-        weight_power = beta_n * weight_sq if num_lrc == 3 else weight_sq
-        lr_scaled = lr / (1.0 + weight_power)
-        x = w * g_normalized
-        if num_lrc == 3:
-            magnitude = x.abs() + eps
-            state["corr_scale"].mul_(beta_n).add_(magnitude, alpha=1.0 - beta_n)
-            cap = group["cf"] * state["corr_scale"]
-        else:
-            state["corr_scale"].mul_(beta_n).add_(x, alpha=1.0 - beta_n)
-            magnitude = (x - state["corr_scale"]).abs() + eps
-            state["corr_var"].mul_(beta_n).add_(magnitude * magnitude, alpha=1.0 - beta_n)
-            cap = state["corr_var"].sqrt() + eps
-        robust = x / magnitude * torch.minimum(magnitude, cap)
-        corr.mul_(beta_n).add_(lr_scaled * robust)
-        low = _tukey(d) * lr_scaled
-        high = lr_scaled * (1.0 + weight_power).square()
-        estimate = torch.minimum(torch.maximum(corr.abs(), low), high)
-    raw = _per_tensor_mean(estimate) if group["per_tensor"] else estimate
-    numerator = state["numerator"]
-    numerator.mul_(_NUMERATOR_POLE).add_(raw, alpha=1.0 - _NUMERATOR_POLE)
-    return numerator
-
-
-# -- the multi-tensor path ---------------------------------------------------------------------
-def _prepare(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    group: dict[str, Any],
-) -> tuple[Tensor, Tensor | None]:
-    """Advance the per-parameter counters; return the per-tensor scale F c1 / (1 - gamma)
-    (without F) and the second moment's debias factors (None without debiasing)."""
-    steps = [state["step"] for state in states]
-    torch._foreach_add_(steps, 1.0)
-    t = torch.stack(steps).to(accumulation_dtype(params[0].dtype))
-    eta_m, eta_a = _filter_gains(group)
-    if not group["debias"]:
-        return torch.full_like(t, 1.0 / (1.0 - group["gamma"])), None
-    scale = _debias(t, group["beta_i"], eta_m) / (1.0 - group["gamma"])
-    return scale, _debias(t, group["beta_a"], eta_a)
-
-
-def _multi_tensor_autosgm(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    group: dict[str, Any],
-    factor: Tensor,
-) -> Tensor:
-    """The same update with ``torch._foreach_*`` ops, folding scalars to save passes."""
-    lr, num_lrc, adaptive = group["lr"], group["num_lrc"], group["adaptive"]
-    beta_a, beta_i, gamma = group["beta_a"], group["beta_i"], group["gamma"]
-    weight_decay, eps = group["weight_decay"], group["eps"]
-    eps_in = eps if group["eps_inside_sqrt"] else 0.0
-    eta_m, eta_a = _filter_gains(group)
-    device = params[0].device
-    dtype = accumulation_dtype(params[0].dtype)
-    count = len(params)
-    low_precision = [p.dtype != accumulation_dtype(p.dtype) for p in params]
-    ws = [p.to(accumulation_dtype(p.dtype)) for p in params]
-    gs = [g.to(accumulation_dtype(g.dtype)) for g in grads]
-    if group["maximize"]:
-        gs = torch._foreach_neg(gs)
-    if weight_decay != 0.0 and not group["decoupled"]:
-        gs = torch._foreach_add(gs, ws, alpha=weight_decay)
-    scale, c2 = _prepare(params, grads, states, group)
-    scale = scale * factor.to(dtype)
-
-    momenta = [state["momentum"] for state in states]
-    if gamma != 0.0:
-        # s_t / (1 - gamma) = a m_t + b g_t, since m_{t-1} = (m_t - eta g_t) / beta_i
-        torch._foreach_mul_(momenta, beta_i)
-        torch._foreach_add_(momenta, gs, alpha=eta_m)
-        filtered = torch._foreach_mul(momenta, (beta_i - gamma) / beta_i)
-        torch._foreach_add_(filtered, gs, alpha=gamma * eta_m / beta_i)
-    else:
-        if eta_m == 1.0 - beta_i:
-            torch._foreach_lerp_(momenta, gs, eta_m)
-        else:
-            torch._foreach_mul_(momenta, beta_i)
-            torch._foreach_add_(momenta, gs, alpha=eta_m)
-        filtered = momenta
-
-    elementwise = num_lrc >= 2 and not group["per_tensor"]
-    per_tensor_numerator = torch.full((count,), lr, dtype=dtype, device=device)
-    denoms = None
-    if adaptive:
-        seconds = [state["exp_avg_sq"] for state in states]
-        torch._foreach_mul_(seconds, beta_a)
-        torch._foreach_addcmul_(seconds, gs, gs, value=eta_a)
-        if num_lrc >= 2:
-            # the numerator needs the true denominator d
-            if c2 is not None:
-                denoms = torch._foreach_mul(seconds, list(c2.unbind()))
-                if eps_in:
-                    torch._foreach_add_(denoms, eps_in)
+                numerators = self._scalar(group, "lr", scalars[0]).expand_as(scalars[0])
+            own_scalars = _per_tensor([*scalars, numerators.to(scalars[0])])
+            items = [
+                (
+                    group["num_lrc"] if group["adaptive"] else 0,
+                    group["per_tensor"] or group["num_lrc"] < 2,
+                    group["adaptive"],
+                    _mean_needed(group) and not skip,
+                    local(p),
+                    local(p.grad),
+                    local(self.state[p]["momentum"]),
+                    *statistic_tensors(p),
+                    numerator_state,
+                    always if keep is None else keep,
+                    *hypers[p.dtype],
+                    *_in_dtype(own, p),
+                )
+                for p, own, numerator_state in zip(
+                    params, own_scalars, numerator_states, strict=True
+                )
+            ]
+            results = _update.map(items, compiled=compiled)
+            sums_of_group = [r for r in results if r is not None]
+            advance = 1.0 if keep is None else keep.to(torch.float32)
+            torch._foreach_add_([self.state[p]["step"] for p in params], advance)
+            group["step"].add_(advance)
+            _keep(group, "window_factor", factor, keep)
+            if sums_of_group:
+                elementwise.append((group, params, sums_of_group, factor, keep))
             else:
-                denoms = torch._foreach_add(seconds, eps_in)
-            torch._foreach_sqrt_(denoms)
-            torch._foreach_add_(denoms, eps)
-            pieces = {key: [state[key] for state in states] for key in _NUMERATOR_KEYS[num_lrc]}
-            estimates = _numerator_estimates(ws, gs, denoms, pieces, group)
-            numerators = [state["numerator"] for state in states]
-            if elementwise:
-                torch._foreach_mul_(numerators, _NUMERATOR_POLE)
-                torch._foreach_add_(numerators, estimates, alpha=1.0 - _NUMERATOR_POLE)
-                estimates = numerators
-            sums = finish_sums(tensor_sums(estimates, dtype))
-            means = sums / torch.tensor([p.numel() for p in params], dtype=dtype, device=device)
-            if elementwise:
-                per_tensor_numerator = means  # for the statistic only
-            else:
-                torch._foreach_mul_(numerators, _NUMERATOR_POLE)
-                torch._foreach_add_(numerators, list(means.unbind()), alpha=1.0 - _NUMERATOR_POLE)
-                per_tensor_numerator = torch.stack(numerators)
-        else:
-            # d = sqrt(c2) (sqrt(b + eps_in / c2) + eps / sqrt(c2)): sqrt(c2) joins the scale
-            if c2 is not None:
-                denoms = torch._foreach_add(seconds, list((eps_in / c2).unbind()))
-                torch._foreach_sqrt_(denoms)
-                root_c2 = c2.sqrt()
-                torch._foreach_add_(denoms, list((eps / root_c2).unbind()))
-                scale = scale / root_c2
-            else:
-                denoms = torch._foreach_add(seconds, eps_in)
-                torch._foreach_sqrt_(denoms)
-                torch._foreach_add_(denoms, eps)
-
-    if weight_decay != 0.0 and group["decoupled"]:
-        decay = (1.0 - beta_i) / (1.0 - gamma) * weight_decay
+                _keep(group, "lr_effective", factor * numerators.mean(), keep)
         if elementwise:
-            shrinks = [1.0 - factor.to(dtype) * decay * state["numerator"] for state in states]
-        else:
-            shrinks = list((1.0 - factor.to(dtype) * per_tensor_numerator * decay).unbind())
-        torch._foreach_mul_(ws, shrinks)
+            # the statistic of elementwise numerators: per-tensor means, one more collective
+            rows = [torch.stack([s, torch.zeros_like(s)]) for *_, sums, _, _ in elementwise
+                    for s in sums]  # fmt: skip
+            counted = [(valid_numel(p), counts(p, process_group))
+                       for _, params, *_ in elementwise for p in params]  # fmt: skip
+            sums = self._finish_sums(rows, counted, process_group)
+            tensor_means = (sums[:, 0] / sums[:, 2]).split([len(e[1]) for e in elementwise])
+            for (group, _, _, factor, keep), mean in zip(elementwise, tensor_means, strict=True):
+                _keep(group, "lr_effective", factor * mean.mean(), keep)
 
-    if elementwise:
-        step_sizes = list(scale.unbind())
-        torch._foreach_div_(denoms, [state["numerator"] for state in states])
-    else:
-        step_sizes = list((scale * per_tensor_numerator).unbind())
-    if denoms is None:
-        torch._foreach_addcmul_(ws, filtered, torch._foreach_neg(step_sizes))
-    else:
-        torch._foreach_div_(denoms, step_sizes)
-        torch._foreach_addcdiv_(ws, filtered, denoms, value=-1.0)
-    copies = [(p, w) for p, w, low in zip(params, ws, low_precision, strict=True) if low]
-    if copies:
-        torch._foreach_copy_([p for p, _ in copies], [w for _, w in copies])
-    return factor.to(dtype) * per_tensor_numerator
+    def _finish_sums(
+        self, rows: list[Tensor], counted: list[tuple[int, bool]], process_group: Any
+    ) -> Tensor:
+        """Stack per-tensor partial sums (value, non-finite count) and element counts, zero
+        the rows of replicas another rank counts, and sum them across ranks (one collective).
+        Returns rows of (value, non-finite count, element count)."""
+        dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
+        layout = self._layout(counted, dtype, rows[0].device)
+        partials = torch.cat([torch.stack(rows).to(dtype), layout[:, :1]], dim=1)
+        partials = torch.where(layout[:, 1:] > 0, partials, 0.0)
+        return finish_sums(partials, process_group)
 
-
-# -- the cache-blocked CPU path ----------------------------------------------------------------
-#: On CPU the fast path works through each tensor in blocks of this many elements with
-#: preallocated scratch buffers, so that the numerator's ~30 elementwise operations run on data
-#: that stays in cache and allocate nothing; torch's foreach kernels are no faster than a loop
-#: on CPU. ``None`` selects the foreach path on CPU too.
-_CPU_BLOCK: int | None = 1 << 16
-#: Smaller tensors take the foreach path even on CPU.
-_CPU_SMALL = 1 << 13
-
-
-def _use_blocks(params: list[Tensor]) -> bool:
-    # plain CPU tensors only: tensor subclasses (DTensor shards) keep the foreach path
-    return (
-        _CPU_BLOCK is not None
-        and params[0].device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and all(type(p) in (Tensor, torch.nn.Parameter) for p in params)
-    )
+    def _layout(self, counted: list[tuple[int, bool]], dtype: torch.dtype, device: Any) -> Tensor:
+        """(element count, counted here) per row, from Python numbers: cached, so that it is
+        copied to the device only when the set of stepped tensors changes."""
+        cache = self.__dict__.setdefault("_row_layouts", {})
+        key = (tuple(counted), dtype, device)
+        if key not in cache:
+            if len(cache) >= 8:
+                cache.clear()
+            values = [[float(n), float(owned)] for n, owned in counted]
+            cache[key] = torch.tensor(values, dtype=dtype).to(device)
+        return cache[key]
 
 
-def _split_by_size(params: list[Tensor]) -> list[tuple[Any, list[int]]]:
-    """(path, indices): the blocked path for tensors of at least ``_CPU_SMALL`` elements, the
-    foreach path for the rest, whose per-tensor overhead it amortises."""
-    large = [i for i, p in enumerate(params) if p.numel() >= _CPU_SMALL]
-    small = [i for i, p in enumerate(params) if p.numel() < _CPU_SMALL]
-    paths = [(_blocked_autosgm, large), (_multi_tensor_autosgm, small)]
-    return [(path, part) for path, part in paths if part]
+def _per_tensor(columns: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """Per-tensor 0-d scalars from vectors with one entry per tensor."""
+    return list(zip(*(column.unbind() for column in columns), strict=True))
 
 
-def _pieces(param: Tensor, grad: Tensor, block: int) -> list[slice | None]:
-    """Flat slices of at most ``block`` elements, or the whole tensor (None)."""
-    n = param.numel()
-    if n <= block or not (param.is_contiguous() and grad.is_contiguous()):
-        return [None]
-    return [slice(s, min(s + block, n)) for s in range(0, n, block)]
+def _in_dtype(scalars: tuple[Tensor, ...], p: Tensor) -> tuple[Tensor, ...]:
+    dtype = accumulation_dtype(p.dtype)
+    return tuple(s if s.dtype == dtype else s.to(dtype) for s in scalars)
 
 
-def _blocked_autosgm(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    group: dict[str, Any],
-    factor: Tensor,
-) -> Tensor:
-    """The same update, one cache-sized block at a time: a first sweep updates the second
-    moment and the numerator's statistics, a second sweep filters and updates the weights."""
-    lr, num_lrc, adaptive = group["lr"], group["num_lrc"], group["adaptive"]
-    beta_a, beta_i, gamma = group["beta_a"], group["beta_i"], group["gamma"]
-    weight_decay, eps = group["weight_decay"], group["eps"]
-    eps_in = eps if group["eps_inside_sqrt"] else 0.0
-    coupled = weight_decay != 0.0 and not group["decoupled"]
-    eta_m, eta_a = _filter_gains(group)
-    dtype = accumulation_dtype(params[0].dtype)
-    device = params[0].device
-    block = _CPU_BLOCK or 1
-    pieces = [_pieces(p, g, block) for p, g in zip(params, grads, strict=True)]
-    size = max(
-        p.numel() if len(where) == 1 else block for p, where in zip(params, pieces, strict=True)
-    )
-    rows = torch.empty((8, size), dtype=dtype, device=device).unbind()
-    scale, c2 = _prepare(params, grads, states, group)
-    scale = scale * factor.to(dtype)
-    c2_parts = c2.unbind() if c2 is not None else None
-    two_sweeps = adaptive and num_lrc >= 2
-    elementwise = two_sweeps and not group["per_tensor"]
-    keys = ["exp_avg_sq", *_NUMERATOR_KEYS.get(num_lrc, ())]
-    if elementwise:
-        keys.append("numerator")
-
-    def views(tensor: Tensor, wheres: list[slice | None]) -> list[Tensor]:
-        if wheres == [None]:
-            return [tensor]
-        flat = tensor.view(-1)
-        return [flat[where] for where in wheres]
-
-    scratch: dict[tuple[int, ...], list[Tensor]] = {}
-
-    def buffers(like: Tensor) -> list[Tensor]:
-        # views of the scratch rows shaped like one piece, reused by pieces of that shape
-        shape = tuple(like.shape)
-        if shape not in scratch:
-            scratch[shape] = [row[: like.numel()].view(shape) for row in rows]
-        return scratch[shape]
-
-    def gradient(g: Tensor, w: Tensor, out: Tensor) -> Tensor:
-        if group["maximize"]:
-            g = torch.neg(g, out=out)
-        elif g.dtype != dtype:
-            g = out.copy_(g)
-        if coupled:
-            g = torch.add(g, w, alpha=weight_decay, out=out)
-        return g
-
-    def denominator(second: Tensor, index: int, out: Tensor) -> Tensor:
-        if c2_parts is not None:
-            d = torch.mul(second, c2_parts[index], out=out)
-            if eps_in:
-                d.add_(eps_in)
-        else:
-            d = torch.add(second, eps_in, out=out)
-        return d.sqrt_().add_(eps)
-
-    # first sweep: second moment and numerator statistics (num_lrc 2, 3, 4)
-    per_tensor_numerator = torch.full((len(params),), lr, dtype=dtype, device=device)
-    if two_sweeps:
-        sums = []
-        for index, state in enumerate(states):
-            where = pieces[index]
-            state_views = {key: views(state[key], where) for key in keys}
-            piece_sums = []
-            for part, (p, g) in enumerate(
-                zip(views(params[index], where), views(grads[index], where), strict=True)
-            ):
-                buf = buffers(p)
-                w = p if p.dtype == dtype else buf[0].copy_(p)
-                g = gradient(g, w, buf[1])
-                piece = {key: state_views[key][part] for key in keys}
-                second = piece["exp_avg_sq"]
-                second.mul_(beta_a).addcmul_(g, g, value=eta_a)
-                d = denominator(second, index, buf[2])
-                estimate = _block_numerator_estimate(w, g, d, piece, buf[3:], group)
-                if elementwise:
-                    numerator = piece["numerator"]
-                    numerator.mul_(_NUMERATOR_POLE).add_(estimate, alpha=1.0 - _NUMERATOR_POLE)
-                    estimate = numerator
-                piece_sums.append(estimate.sum(dtype=dtype))
-            sums.append(piece_sums[0] if len(piece_sums) == 1 else torch.stack(piece_sums).sum())
-        means = finish_sums(torch.stack(sums)) / torch.tensor(
-            [p.numel() for p in params], dtype=dtype, device=device
-        )
-        if elementwise:
-            per_tensor_numerator = means  # for the statistic only
-        else:
-            numerators = [state["numerator"] for state in states]
-            torch._foreach_mul_(numerators, _NUMERATOR_POLE)
-            torch._foreach_add_(numerators, list(means.unbind()), alpha=1.0 - _NUMERATOR_POLE)
-            per_tensor_numerator = torch.stack(numerators)
-
-    # second sweep: filter, (second moment), decay and update
-    decay = (1.0 - beta_i) / (1.0 - gamma) * weight_decay if group["decoupled"] else 0.0
-    step_sizes = (scale if elementwise else scale * per_tensor_numerator).unbind()
-    shrinks = (1.0 - factor.to(dtype) * decay * per_tensor_numerator).unbind()
-    for index, state in enumerate(states):
-        where = pieces[index]
-        momenta = views(state["momentum"], where)
-        seconds = views(state["exp_avg_sq"], where) if adaptive else momenta
-        numerators = views(state["numerator"], where) if elementwise else momenta
-        for part, (p, g) in enumerate(
-            zip(views(params[index], where), views(grads[index], where), strict=True)
-        ):
-            buf = buffers(p)
-            w = p if p.dtype == dtype else buf[0].copy_(p)
-            g = gradient(g, w, buf[1])
-            momentum = momenta[part]
-            if gamma != 0.0:
-                momentum.mul_(beta_i).add_(g, alpha=eta_m)
-                filtered = torch.mul(momentum, (beta_i - gamma) / beta_i, out=buf[3])
-                filtered.add_(g, alpha=gamma * eta_m / beta_i)
-            elif eta_m == 1.0 - beta_i:
-                filtered = momentum.lerp_(g, eta_m)
-            else:
-                filtered = momentum.mul_(beta_i).add_(g, alpha=eta_m)
-            if decay:
-                if elementwise:
-                    shrink = torch.mul(numerators[part], factor.to(dtype) * -decay, out=buf[4])
-                    w.mul_(shrink.add_(1.0))
-                else:
-                    w.mul_(shrinks[index])
-            if adaptive:
-                second = seconds[part]
-                if not two_sweeps:
-                    second.mul_(beta_a).addcmul_(g, g, value=eta_a)
-                d = denominator(second, index, buf[2])
-                if elementwise:
-                    d.div_(numerators[part])
-                w.addcdiv_(filtered, d.div_(step_sizes[index]), value=-1.0)
-            else:
-                w.addcmul_(filtered, step_sizes[index], value=-1.0)
-            if w is not p:
-                p.copy_(w)
-    return factor.to(dtype) * per_tensor_numerator
+def _mean_needed(group: dict[str, Any]) -> bool:
+    """Whether the group's numerator is a per-tensor mean (a reduction before the update)."""
+    return group["adaptive"] and group["num_lrc"] >= 2 and group["per_tensor"]
 
 
-def _block_numerator_estimate(
-    w: Tensor,
-    g: Tensor,
-    d: Tensor,
-    state: dict[str, Tensor],
-    scratch: list[Tensor],
-    group: dict[str, Any],
-) -> Tensor:
-    """One block of the numerator's EMAs (num_lrc 2, 3, 4); returns the clipped estimate,
-    written into the scratch buffers."""
-    lr, num_lrc, beta_n, eps = group["lr"], group["num_lrc"], group["beta_n"], group["eps"]
-    work, magnitude, robust, one_plus, low = scratch[:5]
-    corr = state["corr"]
-    torch.div(g, d, out=work)  # the normalised gradient
-    if num_lrc == 2:
-        work.square_().addcmul_(w, w)
-        corr.mul_(beta_n).add_(work, alpha=(1.0 - beta_n) * lr)
-        return torch.clamp(corr, max=lr, out=robust)
-    weight_sq, scale = state["weight_sq"], state["corr_scale"]
-    weight_sq.mul_(beta_n).addcmul_(w, w, value=1.0 - beta_n)
-    work.mul_(w)  # x = w * g / d
-    cf = group["cf"] if num_lrc == 3 else 1.0
-    if num_lrc == 3:
-        torch.abs(work, out=magnitude).add_(eps)
-        scale.lerp_(magnitude, 1.0 - beta_n)
-        torch.div(scale, magnitude, out=robust)
-    else:
-        scale.lerp_(work, 1.0 - beta_n)
-        torch.sub(work, scale, out=magnitude).abs_().add_(eps)
-        variance = state["corr_var"]
-        variance.mul_(beta_n).addcmul_(magnitude, magnitude, value=1.0 - beta_n)
-        torch.sqrt(variance, out=robust).add_(eps).div_(magnitude)
-    robust.clamp_(max=1.0 / cf).mul_(work)  # h / cf
-    one, zero = d.new_ones(()), d.new_zeros(())
-    torch.add(one, weight_sq, alpha=beta_n if num_lrc == 3 else 1.0, out=one_plus)
-    corr.mul_(beta_n).addcdiv_(robust, one_plus, value=lr * cf)
-    clipped = torch.clamp(d, max=1.0, out=magnitude)
-    torch.mul(clipped, clipped, out=low).sub_(1.0).square_().mul_(clipped)
-    torch.addcdiv(zero, low, one_plus, value=lr, out=low)
-    one_plus.mul_(lr)
-    estimate = torch.abs(corr, out=robust)
-    return torch.clamp(estimate, min=low, max=one_plus, out=estimate)
+def _keep(group: dict[str, Any], key: str, value: Tensor, keep: Tensor | None) -> None:
+    """Set a group statistic (in its dtype); on a skipped step (``keep`` False) the old value
+    stays."""
+    value = value.to(group[key].dtype)
+    group[key] = value if keep is None else torch.where(keep, value, group[key])
 
 
-def _numerator_estimates(
-    ws: list[Tensor],
-    gs: list[Tensor],
-    denom: list[Tensor],
-    piece: dict[str, list[Tensor]],
-    group: dict[str, Any],
-) -> list[Tensor]:
-    """Update the numerator's EMAs (num_lrc 2, 3, 4) and return the clipped estimates."""
-    lr, num_lrc, beta_n, eps = group["lr"], group["num_lrc"], group["beta_n"], group["eps"]
-    corrs = piece["corr"]
-    work = torch._foreach_div(gs, denom)  # the normalised gradient
-    if num_lrc == 2:
-        torch._foreach_mul_(work, work)
-        torch._foreach_addcmul_(work, ws, ws)
-        torch._foreach_mul_(corrs, beta_n)
-        torch._foreach_add_(corrs, work, alpha=(1.0 - beta_n) * lr)
-        return torch._foreach_clamp_max(corrs, lr)
-    weight_sqs, scales = piece["weight_sq"], piece["corr_scale"]
-    torch._foreach_mul_(weight_sqs, beta_n)
-    torch._foreach_addcmul_(weight_sqs, ws, ws, value=1.0 - beta_n)
-    torch._foreach_mul_(work, ws)  # x = w * g / d
-    cf = group["cf"] if num_lrc == 3 else 1.0
-    if num_lrc == 3:
-        magnitude = torch._foreach_abs(work)
-        torch._foreach_add_(magnitude, eps)
-        torch._foreach_lerp_(scales, magnitude, 1.0 - beta_n)
-        robust = torch._foreach_div(scales, magnitude)
-    else:
-        variances = piece["corr_var"]
-        torch._foreach_lerp_(scales, work, 1.0 - beta_n)
-        magnitude = torch._foreach_sub(work, scales)
-        torch._foreach_abs_(magnitude)
-        torch._foreach_add_(magnitude, eps)
-        torch._foreach_mul_(variances, beta_n)
-        torch._foreach_addcmul_(variances, magnitude, magnitude, value=1.0 - beta_n)
-        robust = torch._foreach_sqrt(variances)
-        torch._foreach_add_(robust, eps)
-        torch._foreach_div_(robust, magnitude)
-    # h / cf = x min(1 / cf, scale / magnitude)
-    torch._foreach_clamp_max_(robust, 1.0 / cf)
-    torch._foreach_mul_(robust, work)
-    # 1 + W, with W = beta_n q (num_lrc 3) or q (num_lrc 4)
-    one_plus = torch._foreach_mul(weight_sqs, beta_n if num_lrc == 3 else 1.0)
-    torch._foreach_add_(one_plus, 1.0)
-    torch._foreach_mul_(corrs, beta_n)
-    torch._foreach_addcdiv_(corrs, robust, one_plus, value=lr * cf)
-    # clip |p| to [tukey(d) lr / (1 + W), lr (1 + W)], tukey(d) = (min(d, 1)^2 - 1)^2 min(d, 1)
-    clipped = torch._foreach_clamp_max(denom, 1.0)
-    low = torch._foreach_mul(clipped, clipped)
-    torch._foreach_sub_(low, 1.0)
-    torch._foreach_mul_(low, low)
-    torch._foreach_mul_(low, clipped)
-    torch._foreach_div_(low, one_plus)
-    torch._foreach_mul_(low, lr)
-    torch._foreach_mul_(one_plus, lr)
-    estimates = torch._foreach_abs(corrs)
-    torch._foreach_maximum_(estimates, low)
-    torch._foreach_minimum_(estimates, one_plus)
-    return estimates
+def _keep_list(
+    targets: list[Tensor], values: Tensor, previous: Tensor, keep: Tensor | None
+) -> None:
+    """Write the entries of ``values`` into the 0-d ``targets`` (the old ones when skipped)."""
+    if keep is not None:
+        values = torch.where(keep, values, previous)
+    torch._foreach_copy_(targets, list(values.unbind()))
