@@ -148,11 +148,15 @@ class KernelAdamW(torch.optim.Optimizer):
     this machine for an algorithm at fused AdamW's own floor (28 bytes per parameter, one pass).
     Hyperparameters reach the kernel as 0-d tensors, so a changing lr does not recompile."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+        implementation="compiled",
+    ):  # fmt: skip
         from hf_optim._kernels import kernel
 
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._kernel = kernel(_adamw_kernel)
+        self._compiled = implementation != "eager"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -180,10 +184,10 @@ class KernelAdamW(torch.optim.Optimizer):
                 items.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2,
                               eps, decay, bias1, bias2))  # fmt: skip
             if hasattr(self._kernel, "map"):  # several tensors per compiled call
-                self._kernel.map(items, compiled=True)
+                self._kernel.map(items, compiled=self._compiled)
             else:
                 for item in items:
-                    self._kernel(*item, compiled=True)
+                    self._kernel(*item, compiled=self._compiled)
 
 
 def _hf(name: str, registry: str, kwargs: dict[str, Any], **extra: Any) -> list[Config]:
