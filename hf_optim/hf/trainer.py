@@ -197,10 +197,8 @@ def refuse_unsupported_backend(info: OptimizerInfo, backend: str | None, options
     """
     if backend is None:
         return
-    try:
-        from .._backends import refusal
-    except ImportError:  # a checkout without the backend policy module
-        return
+    from .._backends import refusal
+
     reason = refusal(info, backend, options)
     if reason:
         raise NotImplementedError(reason)
@@ -295,7 +293,8 @@ def _attach(trainer: Any, inner: HFOptimizer) -> _Attachment:
     glue = parse_optim_args(name, args.optim_args)[1] if name is not None else {}
     label = info.name if info is not None else type(inner).__name__
     if info is not None:
-        refuse_unsupported_backend(info, backend_name(trainer.accelerator), dict(inner.defaults))
+        options = {**inner.defaults, "param_groups": len(inner.param_groups)}
+        refuse_unsupported_backend(info, backend_name(trainer.accelerator), options)
     replace = info is not None and info.owns_schedule and _decide_schedule(inner, info, trainer)
     note = info.clipping_note if info is not None else ""
     if note and (args.max_grad_norm or 0) > 0:
