@@ -30,12 +30,13 @@ __all__ = [
 ]
 
 MISSING_LOSS_MESSAGE = (
-    "{name} needs the mini-batch loss at every step. In a raw Accelerate loop wrap the "
-    "optimizer with hf_optim.LossFeeder, which hands the loss over at accelerator.backward; "
-    "in a plain torch loop call optimizer.step(loss=loss), or optimizer.step(closure) with a "
-    "closure that returns the loss, or optimizer.set_loss(loss) before a framework calls "
-    "optimizer.step() (hf_optim.Trainer and the stock Trainer with optim=\"{registry_name}\" "
-    "do this for you)."
+    "{name} needs the mini-batch loss at every step. In a raw Accelerate loop use "
+    "feeder = hf_optim.LossFeeder(optimizer, accelerator) and call feeder.add(loss) after "
+    "accelerator.backward(loss) (Accelerate's optimizer wrapper forwards no loss= keyword). In a "
+    "plain torch loop call optimizer.step(loss=loss), or optimizer.step(closure) with a closure "
+    "that returns the loss (under data parallelism: the mean over ranks, as LossFeeder does), or "
+    "optimizer.set_loss(loss) before a framework calls optimizer.step(). Every transformers "
+    "Trainer (optim=\"{registry_name}\", TRL's trainers included) does this for you."
 )
 
 
@@ -195,7 +196,7 @@ class HFOptimizer(torch.optim.Optimizer):
         from ._kernels import compiler_available
 
         implementation = self.defaults["implementation"]
-        if implementation == "eager":
+        if implementation == "eager" or torch.compiler.is_compiling():
             return False
         if implementation == "compiled":
             return True
@@ -367,21 +368,25 @@ class HFOptimizer(torch.optim.Optimizer):
     def _upgrade_group(self, group: dict[str, Any]) -> dict[str, Any]:
         for key in self.retired_group_keys:
             group.pop(key, None)
-        known = set(self.defaults) | set(self.group_state_keys or ()) | {"params", "param_names"}
-        foreign = sorted(set(group) - known)
-        if foreign and self.group_state_keys is not None:
-            raise ValueError(self._foreign_state_message(foreign))
+        if self.group_state_keys is not None:
+            self._refuse_foreign_group(group)
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         return group
 
-    def _foreign_state_message(self, foreign: list[str]) -> str:
+    def _refuse_foreign_group(self, group: dict[str, Any]) -> None:
+        """Refuse a param group saved by another hf-optim optimizer: one carrying an option
+        that belongs to another optimizer and not to this one. Other unknown keys (a user's
+        ``name``, a scheduler's ``initial_lr``) are kept, as torch keeps them."""
         import inspect
 
         from ._registry import OPTIMIZERS
 
-        name = type(self).__name__
-        guess = ""
+        ours = set(self.defaults) | set(self.group_state_keys or ())
+        unknown = set(group) - ours
+        if not unknown:
+            return
+        best, best_score = None, 0
         for info in OPTIMIZERS.values():
             try:
                 cls = info.load()
@@ -389,17 +394,20 @@ class HFOptimizer(torch.optim.Optimizer):
                 continue
             if cls is type(self):
                 continue
-            accepted = set(inspect.signature(cls.__init__).parameters) | set(
-                getattr(cls, "group_state_keys", None) or ()
+            theirs = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+            theirs |= set(getattr(cls, "group_state_keys", None) or ())
+            score = len(unknown & theirs) - len(unknown - theirs)
+            if unknown & theirs and (best is None or score > best_score):
+                best, best_score = (cls, sorted(unknown & theirs)), score
+        if best is not None:
+            cls, foreign = best
+            name = type(self).__name__
+            raise ValueError(
+                f"cannot load this state_dict into {name}: its param groups carry "
+                f"{', '.join(map(repr, foreign))}, options of {cls.__name__} that {name} "
+                f"does not have; it looks like a state_dict of {cls.__name__}. Load a "
+                f"state_dict saved by {name}."
             )
-            if set(foreign) <= accepted:
-                guess = f" It looks like a state_dict of {cls.__name__}."
-                break
-        return (
-            f"cannot load this state_dict into {name}: its param groups carry "
-            f"{', '.join(map(repr, foreign))}, which {name} does not have.{guess} Load a "
-            f"state_dict saved by {name}."
-        )
 
     def _check_state_keys(self, group: dict[str, Any], param: Tensor, saved: set[str]) -> None:
         """Compare a parameter's saved state entries with those a fresh state has."""

@@ -22,6 +22,7 @@ class OptimizerCase:
     * ``second_group``: hyperparameters that differ in the second parameter group.
     * ``train_kwargs``: configuration for the convergence tests (defaults to ``kwargs``).
     * ``invalid``: ``(kwargs, name)`` pairs that must raise ``ValueError`` mentioning ``name``.
+    * ``zero_grad_moves_reason``: why this configuration moves parameters on zero gradients.
     * ``host_sync_reason``: set only where the spec says the algorithm cannot avoid a host
       synchronisation inside ``step()``; the sync and graph-break checks then skip with it.
     """
@@ -33,6 +34,8 @@ class OptimizerCase:
     train_kwargs: dict[str, Any] | None = None
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     host_sync_reason: str | None = None
+    #: why zero gradients may move the parameters (AMaC's noise); ``None``: they must not
+    zero_grad_moves_reason: str | None = None
 
     @property
     def needs_loss(self) -> bool:
