@@ -170,9 +170,10 @@ CALIBRATION_KEYS = (
     "ddea_mean",
     "ddea_var",
 )
-#: Host-side bounds (Python ints) of ``agar_sample_count``, kept beside it: they let a step
-#: that certainly only collects, or certainly comes after calibration, skip the window work.
-COUNT_BOUND_KEYS = ("sample_count_low", "sample_count_high")
+#: A Python int copy of ``agar_sample_count`` on the host (a lower bound of it with
+#: ``skip_nonfinite``, -1 when unknown): a step that certainly only collects, or certainly
+#: comes after calibration, skips the window statistics.
+HOST_COUNT_KEY = "known_sample_count"
 SUMMARY_KEYS = ("agar", "confidence", "tau", "calibrated")
 
 COLLECTING, CALIBRATED, UNKNOWN = "collecting", "calibrated", "unknown"
@@ -211,7 +212,7 @@ class CASMO(HFOptimizer):
     statistic_keys = ("agar", "confidence", "tau", "calibrated", "skipped_steps")
     wide_state_keys = frozenset(CALIBRATION_KEYS)  # 'parameter' mode keeps them in state[p]
     counter_state_keys = frozenset({"step"})
-    group_state_keys = CALIBRATION_KEYS + COUNT_BOUND_KEYS + ("skipped_steps",)
+    group_state_keys = (*CALIBRATION_KEYS, HOST_COUNT_KEY, "skipped_steps")
 
     def __init__(
         self,
@@ -295,8 +296,6 @@ class CASMO(HFOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["granularity"] == "parameter":
             state.update(_new_calibration_state(group, p.device, accumulation_dtype(p.dtype)))
-        if p.device.type != "meta":  # the loader probes this on meta tensors
-            self._init_group_state(group, p)
 
     def _init_group_state(self, group: dict[str, Any], like: Tensor) -> None:
         """The group's calibration state ('group' mode) or its summary ('parameter' mode),
@@ -307,8 +306,6 @@ class CASMO(HFOptimizer):
             if group["granularity"] == "parameter":
                 fresh = {key: fresh[key] for key in SUMMARY_KEYS}
             group.update(fresh)
-        if group["skip_nonfinite"] and "skipped_steps" not in group:
-            group["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=like.device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As the base's; then every calibration window gets the host-side bounds of its fill
@@ -330,11 +327,15 @@ class CASMO(HFOptimizer):
                     )
                 holder["agar_samples"] = _fit_window(holder["agar_samples"], group)
                 count = min(int(holder["agar_sample_count"].item()), group["tau_init_steps"])
-                holder["sample_count_low"] = holder["sample_count_high"] = count
+                holder[HOST_COUNT_KEY] = count
 
     # -- the step -----------------------------------------------------------------------------
     def _step(self, loss: Any) -> None:
-        plans = [plan for group in self.param_groups if (plan := self._plan(group)) is not None]
+        plans = []
+        for group in self.param_groups:  # a loop: dynamo breaks on a walrus in a comprehension
+            plan = self._plan(group)
+            if plan is not None:
+                plans.append(plan)
         if not plans:
             return
         process_group = reduction_group([p for plan in plans for p in plan.params])
@@ -352,6 +353,11 @@ class CASMO(HFOptimizer):
         partial = torch.cat([plan.agar_partials(self) for plan in plans])
         totals = finish_sums(partial, process_group).split([len(plan) for plan in plans])
         ok = _finite_step(plans, totals, loss, self)
+        if isinstance(ok, Tensor):  # skip_nonfinite: counted in every group
+            for group in self.param_groups:
+                if "skipped_steps" not in group:
+                    group["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=ok.device)
+                group["skipped_steps"].add_((~ok).to(torch.float32))
 
         # calibration, DDEA, confidence; then phase 3: the update
         for plan, total in zip(plans, totals, strict=True):
@@ -368,7 +374,9 @@ class CASMO(HFOptimizer):
             if not self.state[p]:
                 self._init_param_state(group, p)
         self._init_group_state(group, params[0])
-        return _GroupStep(group, params, [self.state[p] for p in params])
+        return _GroupStep(
+            group, params, [self.state[p] for p in params], self.defaults["skip_nonfinite"]
+        )
 
     def _count_column(self, numbers: list[int], like: Tensor) -> Tensor:
         """Element counts as a column on ``like``'s device, cached: a tensor built from a
@@ -407,14 +415,18 @@ class _GroupStep:
     """One param group's tensors for one step, carried through the three phases."""
 
     def __init__(
-        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        skip: bool,
     ) -> None:
         self.group = group
         self.params = params
         self.states = states
         self.per_parameter = group["granularity"] == "parameter"
         self.holders = states if self.per_parameter else [group]
-        self.fresh = bool(group["skip_nonfinite"])  # moments recomputed, stored only if finite
+        self.fresh = skip  # moments recomputed in each phase, stored only if the step is finite
         self.counted: list[bool] = []
         self.tensors = [
             (local(p), local(p.grad), local(s["exp_avg"]), local(s["exp_avg_sq"]), s["step"])
@@ -475,8 +487,10 @@ class _GroupStep:
         abs_m_sums, v_sums, self.numels = total.unbind(1)
         factor, eps = self.group["agar_clamp_factor"], self.group["eps"]
         if factor is None:
-            infinite = torch.full_like(abs_m_sums, math.inf).unbind()
-            self.bounds = list(zip(infinite, infinite, strict=True))
+            # two tensors: one tensor passed twice would be another graph for the compiler
+            m_bounds, v_bounds = torch.full((2, len(self)), math.inf, dtype=abs_m_sums.dtype,
+                                            device=abs_m_sums.device)  # fmt: skip
+            self.bounds = list(zip(m_bounds.unbind(), v_bounds.unbind(), strict=True))
             return
         elements = self.numels.clamp(min=1)
         m_bounds = factor * (abs_m_sums / elements + eps)
@@ -509,7 +523,7 @@ class _GroupStep:
         window = group["tau_init_steps"]
         by_stage: dict[str, list[int]] = {}
         for index, holder in enumerate(self.holders):
-            by_stage.setdefault(_stage(holder, window), []).append(index)
+            by_stage.setdefault(_stage(holder, window, self.fresh), []).append(index)
         confidences: list[Tensor] = [None] * len(self.holders)  # type: ignore[list-item]
         for stage, indices in by_stage.items():
             holders = [self.holders[i] for i in indices]
@@ -522,15 +536,14 @@ class _GroupStep:
             rows.write_back()
             for i, confidence in zip(indices, batch.unbind(), strict=True):
                 confidences[i] = confidence
-            for holder in holders:
-                _advance_count_bounds(holder, window, certain=ok is True)
+            if not self.fresh:
+                for holder in holders:
+                    _advance_host_count(holder, window)
         self.confidences = confidences
         if self.per_parameter:
-            self._summarise()
-        if self.fresh and isinstance(ok, Tensor):
-            group["skipped_steps"].add_((~ok).to(group["skipped_steps"].dtype))
+            self._summarise(ok)
 
-    def _summarise(self) -> None:
+    def _summarise(self, ok: Tensor | bool) -> None:
         """'parameter' mode: the group statistics are element-weighted means over the tensors
         stepped this step (``confidence`` is the mean learning-rate scale per element). The
         weights are finished counts, so this needs no further reduction."""
@@ -541,7 +554,9 @@ class _GroupStep:
         ).to(group["agar"].device)
         weights = self.numels.to(values.device, dtype)
         means = (weights @ values) / weights.sum().clamp(min=1)
-        torch._foreach_copy_([group[k] for k in SUMMARY_KEYS], list(means.unbind()))
+        olds = [group[k] for k in SUMMARY_KEYS]
+        news = [_where(ok, new, old) for new, old in zip(means.unbind(), olds, strict=True)]
+        torch._foreach_copy_(olds, news)
 
     def update(self, optimizer: CASMO, ok: Tensor | bool) -> None:
         guard = ok if self.fresh else None
@@ -556,8 +571,8 @@ class _GroupStep:
 
 
 def _finite_step(plans: list[_GroupStep], totals: list[Tensor], loss: Any, optimizer: CASMO):
-    """For groups with ``skip_nonfinite``: a 0-d bool, True when every gradient element (and
-    the loss, if given) of those groups is finite. ``True`` when no group asks."""
+    """With ``skip_nonfinite`` (optimizer-wide): a 0-d bool, True when every gradient element
+    (and the loss, if given) is finite. ``True`` without it."""
     checked = [total[:, 1].sum() for plan, total in zip(plans, totals, strict=True) if plan.fresh]
     if not checked:
         return True
@@ -713,8 +728,7 @@ def _new_calibration_state(
         "c_min_calibrated": scalar(group["c_min"]),
         "ddea_mean": scalar(DDEA_INITIAL_MEAN),
         "ddea_var": scalar(DDEA_INITIAL_VAR),
-        "sample_count_low": 0,
-        "sample_count_high": 0,
+        HOST_COUNT_KEY: 0,
     }
 
 
@@ -733,26 +747,24 @@ def _fit_window(samples: Tensor, group: dict[str, Any]) -> Tensor:
     )
 
 
-def _stage(holder: dict[str, Any], window: int) -> str:
+def _stage(holder: dict[str, Any], window: int, skip: bool) -> str:
     """What the host knows of a holder's calibration before this step."""
     if torch.compiler.is_compiling():
-        return UNKNOWN  # the bounds are Python ints: reading them would specialise the graph
-    if holder["sample_count_low"] >= window:
+        return UNKNOWN  # the host count is a Python int: reading it would specialise the graph
+    known = holder[HOST_COUNT_KEY]
+    if known >= window:
         return CALIBRATED
-    if holder["sample_count_high"] + 1 < window:
-        return COLLECTING
-    return UNKNOWN
+    if known < 0 or skip:  # with skip_nonfinite a step may or may not count
+        return UNKNOWN
+    return COLLECTING if known + 1 < window else UNKNOWN
 
 
-def _advance_count_bounds(holder: dict[str, Any], window: int, *, certain: bool) -> None:
-    """The fill count rises by one per step until calibration, unless the step is skipped
-    (then only the upper bound rises)."""
+def _advance_host_count(holder: dict[str, Any], window: int) -> None:
+    """Without skip_nonfinite every step of a holder counts until the window is full."""
     if torch.compiler.is_compiling():
-        holder["sample_count_low"], holder["sample_count_high"] = 0, window
-        return
-    holder["sample_count_high"] = min(holder["sample_count_high"] + 1, window)
-    if certain:
-        holder["sample_count_low"] = min(holder["sample_count_low"] + 1, window)
+        holder[HOST_COUNT_KEY] = -1  # unknown from now on (until a load_state_dict)
+    elif holder[HOST_COUNT_KEY] >= 0:
+        holder[HOST_COUNT_KEY] = min(holder[HOST_COUNT_KEY] + 1, window)
 
 
 class _Rows:
