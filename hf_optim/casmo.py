@@ -253,6 +253,15 @@ class CASMO(HFOptimizer):
         )
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As the base's; the group's calibration state is created here, with the group, so
+        that torch.distributed.checkpoint's template of a fresh optimizer already holds every
+        group entry it must restore (it loads only the keys its template has)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["params"]:
+            self._init_group_state(group, group["params"][0])
+
     def _reset_transient(self) -> None:
         super()._reset_transient()
         self._count_columns: dict[tuple[Any, ...], Tensor] = {}
@@ -306,6 +315,8 @@ class CASMO(HFOptimizer):
             if group["granularity"] == "parameter":
                 fresh = {key: fresh[key] for key in SUMMARY_KEYS}
             group.update(fresh)
+        if self.defaults["skip_nonfinite"] and "skipped_steps" not in group:
+            group["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=like.device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As the base's; then every calibration window gets the host-side bounds of its fill
@@ -355,9 +366,8 @@ class CASMO(HFOptimizer):
         ok = _finite_step(plans, totals, loss, self)
         if isinstance(ok, Tensor):  # skip_nonfinite: counted in every group
             for group in self.param_groups:
-                if "skipped_steps" not in group:
-                    group["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=ok.device)
-                group["skipped_steps"].add_((~ok).to(torch.float32))
+                if "skipped_steps" in group:  # a group without parameters has none
+                    group["skipped_steps"].add_((~ok).to(torch.float32))
 
         # calibration, DDEA, confidence; then phase 3: the update
         for plan, total in zip(plans, totals, strict=True):
