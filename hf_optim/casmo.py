@@ -474,17 +474,20 @@ class _GroupStep:
             return torch.zeros_like(sums[0]).unsqueeze(0)
         return torch.stack(kept).sum(0, keepdim=True)
 
+    def compiled(self, optimizer: CASMO) -> bool:
+        return self.hyper(optimizer, self.tensors[0][0])[1]
+
     def clamp_partials(self, optimizer: CASMO) -> Tensor:
-        sums = []
+        if not self.fresh:  # the moments are stored in this phase: count the step first
+            torch._foreach_add_([step for *_, step in self.tensors], 1.0)
+        items = []
         for param, grad, exp_avg, exp_avg_sq, step in self.tensors:
-            h, compiled = self.hyper(optimizer, param)
-            sums.append(
-                _clamp_sums(
-                    grad, exp_avg, exp_avg_sq, step, h["beta1"], h["beta2"],
-                    h["agar_bias_correction"], not self.fresh,
-                    compiled=compiled,
-                )
+            h = self.hyper(optimizer, param)[0]
+            items.append(
+                (grad, exp_avg, exp_avg_sq, step, h["beta1"], h["beta2"],
+                 h["agar_bias_correction"], not self.fresh)
             )  # fmt: skip
+        sums = _clamp_sums.map(items, compiled=self.compiled(optimizer))
         rows = self._rows(sums)
         numels = [
             valid_numel(p) if keep else 0 for p, keep in zip(self.params, self.counted, strict=True)
@@ -511,17 +514,15 @@ class _GroupStep:
         return index if self.per_parameter else 0
 
     def agar_partials(self, optimizer: CASMO) -> Tensor:
-        sums = []
+        items = []
         for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(self.tensors):
-            h, compiled = self.hyper(optimizer, param)
+            h = self.hyper(optimizer, param)[0]
             m_bound, v_bound = self.bounds[self._holder_of(index)]
-            sums.append(
-                _agar_sums(
-                    grad, exp_avg, exp_avg_sq, step, h["beta1"], h["beta2"],
-                    h["agar_bias_correction"], h["eps"], m_bound, v_bound, self.fresh,
-                    compiled=compiled,
-                )
+            items.append(
+                (grad, exp_avg, exp_avg_sq, step, h["beta1"], h["beta2"],
+                 h["agar_bias_correction"], h["eps"], m_bound, v_bound, self.fresh)
             )  # fmt: skip
+        sums = _agar_sums.map(items, compiled=self.compiled(optimizer))
         return self._rows(sums)
 
     def update_confidence(self, total: Tensor, ok: Tensor | bool) -> None:
@@ -570,14 +571,17 @@ class _GroupStep:
 
     def update(self, optimizer: CASMO, ok: Tensor | bool) -> None:
         guard = ok if self.fresh else None
+        items = []
         for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(self.tensors):
-            h, compiled = self.hyper(optimizer, param)
+            h = self.hyper(optimizer, param)[0]
             confidence = self.confidences[self._holder_of(index)]
-            _casmo_update(
-                param, grad, exp_avg, exp_avg_sq, step, h["lr"], h["weight_decay"], h["eps"],
-                h["beta1"], h["beta2"], confidence, guard, self.fresh,
-                compiled=compiled,
+            items.append(
+                (param, grad, exp_avg, exp_avg_sq, step, h["lr"], h["weight_decay"], h["eps"],
+                 h["beta1"], h["beta2"], confidence, guard, self.fresh)
             )  # fmt: skip
+        _casmo_update.map(items, compiled=self.compiled(optimizer))
+        if self.fresh:  # the step counts only where it was finite
+            torch._foreach_add_([step for *_, step in self.tensors], ok.to(torch.float32))
 
 
 def _finite_step(plans: list[_GroupStep], totals: list[Tensor], loss: Any, optimizer: CASMO):
@@ -626,13 +630,12 @@ def _clamp_sums(
     bias_correction: Tensor,
     store: bool,
 ) -> Tensor:
-    """Phase 1: the new moments (written, and the step counted, when ``store``) and this
-    tensor's partial sums ``[sum |m|, sum v]`` of the moments AGAR reads."""
+    """Phase 1: the new moments (written when ``store``; the caller has counted the step) and
+    this tensor's partial sums ``[sum |m|, sum v]`` of the moments AGAR reads."""
     m, v = _new_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
-    if store:
+    if store:  # the caller counted the step already
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
-        step.add_(1)
         t = step
     else:
         t = step + 1
@@ -689,7 +692,8 @@ def _casmo_update(
     fresh: bool,
 ) -> None:
     """Phase 3: p <- p (1 - lr wd) - lr C m_hat / (sqrt(v_hat) + eps). ``fresh``: the
-    moments, step and parameter are written here, and only where ``ok``."""
+    moments and parameter are written here, and only where ``ok`` (the caller counts the
+    step)."""
     if fresh:
         m, v = _new_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
         t = step + 1
@@ -704,7 +708,6 @@ def _casmo_update(
         param.copy_(torch.where(ok, new_param, param))
         exp_avg.copy_(torch.where(ok, m, exp_avg))
         exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
-        step.add_(ok.to(step.dtype))
     else:
         param.copy_(new_param)
 
