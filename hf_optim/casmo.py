@@ -77,9 +77,8 @@ Deviations from upstream 0.1.0/0.2.0, and why:
   ``ceil(tau_init_steps / 1024)``-th sample and its statistics are those of that systematic
   subsample (upstream would hold the whole window in memory). Percentiles use NumPy's default
   (linear) interpolation. The window statistics (a sort of the window) are computed only in the
-  step that may complete the window: the optimizer tracks on the host which steps can only
-  collect and which certainly come after calibration (``sample_count_low``/``_high`` in the
-  holder), so after calibration a step costs a few 0-d ops whatever ``tau_init_steps`` is. Where
+  step that may complete the window: the holder keeps a Python-int copy of the fill count
+  (``known_sample_count``; a lower bound with ``skip_nonfinite``), so after calibration a step costs a few 0-d ops whatever ``tau_init_steps`` is. Where
   the host cannot know (with ``skip_nonfinite=True`` a step may or may not count, and inside an
   outer ``torch.compile``) every step computes them and ``torch.where`` commits them when the
   window fills: still no host synchronisation, at the cost of one sort of at most 1024 samples
