@@ -60,10 +60,12 @@ Deviations from upstream 0.1.0/0.2.0, and why:
   centres it on the DDEA threshold as THEORY section 2.5 says. Both are coherent readings of the
   README and theory, so both are offered; ``'tau'`` (the theory's adaptive threshold) is the
   default.
-* ``c_min`` stays the user's confidence floor at all times (the README calls it "Minimum
-  confidence floor"). Upstream replaces it at calibration with 0.1/0.3/0.5 chosen from the
-  calibration CV; ``adaptive_c_min=True`` restores that (the chosen value is always recorded in
-  ``c_min_calibrated``).
+* ``adaptive_c_min=True`` (the default, as upstream): ``c_min`` is the confidence floor until
+  calibration, then replaced by 0.1/0.3/0.5 chosen from the calibration CV (recorded in
+  ``c_min_calibrated``). ``adaptive_c_min=False`` keeps the user's ``c_min`` (the README's
+  "Minimum confidence floor") at all times. Measured on upstream's B2 benchmark (grokking with
+  30% label noise, README settings, tau_init_steps=1000, one seed): True 89.3% validation
+  accuracy, False 67.5% (it underfits at confidence ~0.25).
 * ``agar_bias_correction``: AGAR is computed from raw moments as the theory and upstream do (so it
   starts near 1 and decays on a ~1/(1-beta2) time scale whatever the signal-to-noise ratio);
   ``True`` computes it from the bias-corrected moments instead.
@@ -194,13 +196,13 @@ class CASMO(HFOptimizer):
         tau_init_steps: calibration window, in optimizer steps (integer in [1, 2**24]).
         tau_clip_range: ``(low, high)`` bounds of the calibrated threshold, 0 <= low <= high <= 1.
         tau_dead_zone: DDEA ignores deviations below this fraction of the calibrated threshold.
-        c_min: confidence floor in [0, 1].
+        c_min: confidence floor in [0, 1] (until calibration with ``adaptive_c_min``).
         agar_clamp_factor: outlier clamp of the moments at this multiple of their mean
             magnitude (> 0), or ``None`` for no clamping.
         center: sigmoid centre after calibration: ``'tau'`` (DDEA threshold, upstream 0.2.0)
             or ``'mean'`` (calibration mean, upstream 0.1.0).
         adaptive_c_min: replace ``c_min`` after calibration by 0.1/0.3/0.5 from the
-            calibration CV, as upstream does.
+            calibration CV, as upstream does (default; ``False`` keeps ``c_min`` throughout).
         agar_bias_correction: compute AGAR from bias-corrected moments.
         implementation: ``'auto'`` (compiled kernels where a compiler works), ``'compiled'``
             or ``'eager'`` (the reference).
@@ -227,7 +229,7 @@ class CASMO(HFOptimizer):
         c_min: float = 0.1,
         agar_clamp_factor: float | None = 10.0,
         center: str = "tau",
-        adaptive_c_min: bool = False,
+        adaptive_c_min: bool = True,
         agar_bias_correction: bool = False,
         *,
         implementation: str = "auto",

@@ -234,7 +234,7 @@ def test_parameter_gaining_gradient_later_in_group_mode() -> None:
 def test_add_param_group_after_construction() -> None:
     first = torch.nn.Parameter(torch.randn(5))
     second = torch.nn.Parameter(torch.randn(3, 2))
-    optimizer = make_casmo([first], tau_init_steps=3)
+    optimizer = make_casmo([first], tau_init_steps=3, adaptive_c_min=False)
     first.grad = torch.randn(5)
     optimizer.step()
     optimizer.add_param_group({"params": [second], "c_min": 0.4})
