@@ -33,7 +33,7 @@ mean :math:`\mu`, population standard deviation :math:`\sigma` (floored at 0.01)
     \in [c, 1], \qquad \text{centre} = \tau_t \ (\text{center='tau'}) \text{ or } \mu
     \ (\text{center='mean'}),
 
-with :math:`c = c_{\min}`, and :math:`\tau_t` follows the drift-detecting EMA adapter (DDEA):
+with :math:`c` the floor (``c_min_calibrated`` by default, ``c_min`` with ``adaptive_c_min=False``), and :math:`\tau_t` follows the drift-detecting EMA adapter (DDEA):
 an EMA mean :math:`\nu` (rate 0.001, starts at 1) and variance :math:`s^2` (decay 0.99, starts at
 0.01) of AGAR; unless :math:`\mathrm{AGAR}_t > 1.2\tau_{cal}` (memorisation guard) or
 :math:`|\mathrm{AGAR}_t - \tau| \le \text{dead\_zone}\cdot\tau_{cal}`,
