@@ -314,8 +314,8 @@ class HFOptimizer(torch.optim.Optimizer):
         gradients (one host synchronisation, all-reduced under sharding so that every rank
         decides alike); every other step costs a few Python comparisons.
         """
-        if self.state:
-            return False
+        if self.state or torch.compiler.is_compiling():
+            return False  # DCP never steps a compiled optimizer to materialise its state
         for group in self.param_groups:
             if float(group.get("lr", 0.0)) != 0.0:
                 return False
