@@ -2,7 +2,7 @@ r"""AMaC: Adam with warm-up and cosine annealing, gradient centralization, annea
 injection, update clipping, dynamic weight decay, heavy-ball momentum, Lookahead and SWA.
 
 Original code: ``godsonj64/AMaC-Optimizer`` (``AMaC_optimizer.py`` and ``AMaC_v.2.py``, 2024),
-described only by its README (the seed document). There is no paper; the components are
+described only by its README. There is no paper; the components are
 Adam (Kingma & Ba, 2015) with AdamW's decoupled decay (Loshchilov & Hutter, 2019), SGDR's
 cosine (Loshchilov & Hutter, 2017), gradient centralization (Yong et al., 2020), gradient
 noise (Neelakantan et al., 2015), Lookahead (Zhang et al., 2019) and stochastic weight
@@ -60,26 +60,55 @@ group entry ``averaged_in_model``; a state dict saved in eval mode holds the fas
 checkpoint taken in eval mode resumes exactly once ``train()`` is called (``step()`` refuses to
 run in eval mode, because the gradient would have been taken at the averaged weights).
 
+Implementation
+--------------
+The update of one tensor is written once, as the kernels ``_update`` (a tensor as one
+contiguous run) and ``_update_rows`` (a tensor as a block of rows: centralization, and noise
+positions of row or column shards); both share ``_adam_noise_update``, which also applies
+Lookahead and SWA. They run as written (``implementation="eager"``, the reference) or compiled
+with inductor (``"auto"`` where a compiler works, ``"compiled"``), one fused pass over each
+tensor. Every per-step value (scheduled lr, bias corrections, annealed noise and decay, whether
+this step synchronises) is computed on the device from the group's step count, a 0-d tensor, and
+reaches the kernels as one coefficient vector: no recompiles, no host synchronisation, and
+``torch.compile(optimizer.step)`` traces the whole step. The only phase before the update is
+the per-channel gradient sums of centralization (inductor cannot yet fuse that reduction into
+the update); it needs a collective only where a channel is split across ranks.
+
+Lookahead and SWA read and write the slow weights and the average only on steps where they act
+when the step count is also known on the host (a Python value kept beside the tensor, trusted
+only while the tensor is unmodified since it was recorded): the steps in between then cost no
+more than the other features. Under ``torch.compile(optimizer.step)`` and with
+``skip_nonfinite`` the step count is not known on the host, and every step reads them and
+selects on the device (correct, a little slower).
+
 Noise
 -----
-Noise is counter-based: the noise of parameter ``i`` of group ``j`` at the group's step ``t``
-is drawn from a generator freshly seeded with a 64-bit mix of ``(seed, j, i, t)``. So the noise
-is a pure function of state that is already saved (``seed`` and ``step`` are Python ints in the
-group), a resumed run continues the same noise sequence, replicas with the same seed draw the
-same noise, and ``state_dict()`` holds no generator state at all (weights_only loads and CUDA
-need nothing special). Seeding a generator is a host-side operation (no synchronisation). The
-generators themselves are a per-device, per-thread cache, not state.
-
-torch.compile cannot trace a seeded generator, so under compilation the draw is one opaque
-custom op (``hf_optim::amac_scale_and_add_noise_``) and a step traces without a graph break.
-The step count and seeds are Python ints, so a compiled step specialises on them: compiling
-``step()`` across steps is not a supported mode (see docs/amac.md); the step runs eagerly.
+Noise is counter-based and drawn inside the kernel: the value added at an element is a pure
+function of (``seed``, group index, the parameter's index in its group, the group's step, the
+element's position in the whole tensor), computed with int32 tensor operations: two rounds of a
+32-bit integer hash (xor-shift-multiply, keyed by the other four values) give four 16-bit
+uniforms; their standardised sum (Irwin-Hall, n=4) goes through an odd polynomial fitted so
+that its distribution is within 2.7e-4 of the normal one (largest CDF difference), with unit
+variance exactly and tails to 4.3 standard deviations. So a resumed run continues the same noise
+(``seed`` and ``step`` are saved), replicas with the same seed draw the same noise, a sharded
+run draws what a single process draws (positions are global), nothing else needs saving, and
+neither the global RNG nor a generator's state is involved. Positions wrap modulo 2**32:
+tensors of more than 2**32 elements repeat their noise pattern past that. Upstream draws
+``torch.randn_like``; a seeded torch generator cannot be used inside a compiled kernel.
 
 Noise is added to the normalised update, so in parameter space it scales with
-:math:`\gamma_t` and vanishes with ``lr=0``: a step with ``lr=0`` from a fresh state (what
-torch.distributed.checkpoint runs to initialise state) leaves the parameters unchanged. (A
-velocity built up earlier still coasts at ``lr=0``, and a Lookahead synchronisation still
-moves the fast weights to the slow ones.)
+:math:`\gamma_t` and vanishes with ``lr=0``. (A velocity built up earlier still coasts at
+``lr=0``, and a Lookahead synchronisation still moves the fast weights to the slow ones.)
+
+Sharding
+--------
+Under FSDP2 (DTensor parameters) all work is on local shards, and the result equals a single
+process on the whole batch. Noise positions are global; a row's mean is local when rows are
+whole on each rank (``Shard(0)``, FSDP2's default: no collective at all), and is summed across
+ranks, in one collective per step, when rows are split (``Shard(1)`` of a matrix). Layouts
+whose local piece is not a block of rows are refused with an error when centralization or noise
+needs positions. With ``skip_nonfinite`` the count of non-finite gradient elements joins that
+collective (or is its only content).
 
 Differences from upstream (and why)
 -----------------------------------
@@ -93,25 +122,28 @@ Differences from upstream (and why)
   after warm-up and nothing anneals; the first step warns about it.
 * Gradient centralization is the published technique: the mean over all dimensions but the
   first (the output channel in torch's Linear/Conv layout) is removed, only for tensors with
-  two or more dimensions, on a copy. Upstream removes the whole-tensor mean from every tensor,
-  so one-element parameters never learn, and it overwrites ``p.grad``. The mean is a
-  per-tensor reduction (accumulated in float32 or wider); under sharding (FSDP flat shards,
-  DTensors) a per-channel mean would need its partial sums finished through
-  ``hf_optim/_reduce.py`` and is not done here: 1-D shards are not centralized.
+  two or more dimensions whose channels have more than one element, on a copy. Upstream
+  removes the whole-tensor mean from every tensor, so one-element parameters never learn, and
+  it overwrites ``p.grad``. The mean accumulates in float32 or wider.
 * SWA honours ``swa_start`` (``None`` means the end of warm-up, which is what upstream
   effectively does) and is a uniform running average of every parameter of every group, one
   count per group, updated every ``lookahead_k`` steps. Upstream counts once per parameter,
   so its average is not uniform, crashes with two groups of different shapes, and keeps the
   average outside ``state_dict()``. A parameter without a gradient at an SWA event is skipped
-  (left untouched); one that joins late starts its average from its weights at its first event.
+  (left untouched); one that joins late starts its average from its weights at its first event
+  (each parameter counts its own samples, ``swa_samples``).
 * Counters are per group, not per parameter: warm-up, cosine, bias correction, Lookahead and
   SWA stay in phase for parameters that miss gradients. A parameter that joins late therefore
   gets the group's bias correction, as if it had seen zero gradients before.
 * ``lr`` and ``weight_decay`` are group keys read every step (upstream caches ``lr/W`` at the
   first step, which freezes training when an external warm-up starts at 0, and reads ``wd``).
-* ``warmup_steps=0`` works (upstream divides by zero).
-* Everything a resume needs (moments, velocity, slow weights, SWA average and count, mode,
-  fast weights in eval mode) is in ``state_dict()``; upstream loses SWA.
+* ``warmup_steps=0`` works (upstream divides by zero); ``warmup_steps > total_steps`` is
+  refused (with the internal schedule on), since the warm-up would outlast the run.
+* The noise is approximately Gaussian (above), counter-based instead of the global RNG.
+* Everything a resume needs (moments, velocity, slow weights, SWA average and counts, mode,
+  fast weights in eval mode, step counts) is in ``state_dict()``; upstream loses SWA.
+* Moments and averages follow the parameter dtype (as torch's Adam); the arithmetic runs in
+  float32 (float64 for float64 parameters) and is rounded once when stored.
 * Upstream names are accepted: ``beta1``/``beta2`` (for ``betas``), ``mu`` (``momentum``),
   ``wd`` (``weight_decay``), ``k`` (``lookahead_k``) and ``alpha``, upstream's weight of the
   *slow* weights: ``lookahead_alpha = 1 - alpha`` (Lookahead's step towards the fast weights,
@@ -119,13 +151,14 @@ Differences from upstream (and why)
   ``total_steps``, as in upstream v2. Giving an upstream name and its readable name together is
   an error.
 * ``zero_grad`` is torch's (upstream overrides it without ``set_to_none``); sparse gradients
-  raise a clear error.
+  and complex parameters raise a clear error.
 
 What the training loop must provide
 -----------------------------------
 ``total_steps`` and ``warmup_steps`` count optimizer steps (after gradient accumulation). An
 external learning-rate scheduler multiplies onto the internal schedule: use a constant
-scheduler, or ``schedule=False`` to let the external one rule alone. Gradient clipping by norm
+scheduler, or ``schedule=False`` to let the external one rule alone (a scheduler that changes
+``lr`` while the internal schedule is on gets one warning). Gradient clipping by norm
 is compatible (AMaC additionally clamps its normalised update elementwise). Call ``eval()``
 before evaluating and ``train()`` before the next training step (the HF Trainer does both).
 Batch-norm statistics need recomputing after SWA weights are written
@@ -424,16 +457,18 @@ def _adam_noise_update(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     velocity: Tensor | None,
+    slow_weights: Tensor | None,
+    swa_average: Tensor | None,
+    swa_samples: Tensor | None,
     positions: Tensor | None,
     c: Tensor,
     key: Tensor,
-    clip: bool,
-    guarded: bool,
 ) -> None:
     """The update of one tensor from its (centralized) gradient ``grad``, computed in ``c``'s
     dtype: Adam's moments and normalised step, noise (at ``positions``; ``None``: no noise),
-    clipping, decoupled decay and heavy-ball momentum. ``guarded``: leave everything as it was
-    unless ``c[_OK]`` (a skipped non-finite step)."""
+    clipping (to +-inf when off), decoupled decay, heavy-ball momentum, then Lookahead and SWA
+    where their tensors are given. Everything stays as it was unless ``c[_OK]`` (a step skipped
+    by skip_nonfinite)."""
     dtype = c.dtype
     m = exp_avg.to(dtype)
     v = exp_avg_sq.to(dtype)
@@ -442,27 +477,35 @@ def _adam_noise_update(
     direction = (m_new * c[_INV_BIAS1]) / (v_new.sqrt() * c[_INV_SQRT_BIAS2] + c[_EPS])
     if positions is not None:
         direction = direction + c[_NOISE_STD] * _standard_normal(positions, key, dtype)
-    if clip:
-        direction = torch.clamp(direction, -c[_CLIP], c[_CLIP])
+    direction = torch.clamp(direction, -c[_CLIP], c[_CLIP])
     p = param.to(dtype)
+    ok = c[_OK] > 0
     if velocity is None:
         p_new = p * c[_DECAY] - c[_LR] * direction
     else:
         u = velocity.to(dtype)
         u_new = c[_MOMENTUM] * u + c[_LR] * direction
         p_new = p * c[_DECAY] - u_new
-        if guarded:
-            u_new = torch.where(c[_OK] > 0, u_new, u)
-        velocity.copy_(u_new)
-    if guarded:
-        ok = c[_OK] > 0
-        m_new, v_new, p_new = (
-            torch.where(ok, m_new, m),
-            torch.where(ok, v_new, v),
-            torch.where(ok, p_new, p),
-        )
+        velocity.copy_(torch.where(ok, u_new, u))
+    m_new, v_new = torch.where(ok, m_new, m), torch.where(ok, v_new, v)
+    p_new = torch.where(ok, p_new, p)
     exp_avg.copy_(m_new)
     exp_avg_sq.copy_(v_new)
+    # Lookahead, every k steps: the slow weights step towards the fast ones, which are reset to
+    # them. Then SWA, every k steps from swa_start: a uniform running average. c[_SYNC] and
+    # c[_SWA_EVENT] are 0 on other steps (and on skipped ones), where both leave all as it was.
+    if slow_weights is not None:
+        sync = c[_SYNC] > 0
+        slow = slow_weights.to(dtype)
+        slow_new = torch.where(sync, slow + c[_ALPHA] * (p_new - slow), slow)
+        p_new = torch.where(sync, slow_new, p_new)
+        slow_weights.copy_(slow_new)
+    if swa_average is not None and swa_samples is not None:
+        event = c[_SWA_EVENT] > 0
+        average = swa_average.to(dtype)
+        weight = 1.0 / (swa_samples.to(dtype) + 1.0)
+        swa_average.copy_(torch.where(event, average + weight * (p_new - average), average))
+        swa_samples.copy_(swa_samples + c[_SWA_EVENT].to(swa_samples.dtype))
     param.copy_(p_new)
 
 
@@ -473,19 +516,30 @@ def _update(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     velocity: Tensor | None,
+    slow_weights: Tensor | None,
+    swa_average: Tensor | None,
+    swa_samples: Tensor | None,
     c: Tensor,
     key: Tensor,
     noise: bool,
-    clip: bool,
-    guarded: bool,
 ) -> None:
-    """A tensor that is not centralized, one contiguous run of the global flattening."""
+    """A tensor that is not centralized and is one contiguous run of the global flattening."""
     positions = None
     if noise:
         local_index = torch.arange(param.numel(), dtype=torch.int32, device=param.device)
         positions = key[_OFFSET] + local_index
     _adam_noise_update(
-        param, grad.to(c.dtype), exp_avg, exp_avg_sq, velocity, positions, c, key, clip, guarded
+        param,
+        grad.to(c.dtype),
+        exp_avg,
+        exp_avg_sq,
+        velocity,
+        slow_weights,
+        swa_average,
+        swa_samples,
+        positions,
+        c,
+        key,
     )
 
 
@@ -497,11 +551,12 @@ def _update_rows(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     velocity: Tensor | None,
+    slow_weights: Tensor | None,
+    swa_average: Tensor | None,
+    swa_samples: Tensor | None,
     c: Tensor,
     key: Tensor,
     noise: bool,
-    clip: bool,
-    guarded: bool,
 ) -> None:
     """A tensor seen as a 2-D box (rows: output channels) of the global (rows, row length)
     matrix: gradient centralization (``row_mean``, shape (rows, 1); ``None``: none), and the
@@ -514,35 +569,19 @@ def _update_rows(
         rows = torch.arange(param.shape[0], dtype=torch.int32, device=param.device)
         columns = torch.arange(param.shape[1], dtype=torch.int32, device=param.device)
         positions = key[_OFFSET] + rows.unsqueeze(1) * key[_ROW_LENGTH] + columns
-    _adam_noise_update(param, grad, exp_avg, exp_avg_sq, velocity, positions, c, key, clip, guarded)
-
-
-@kernel
-def _average(
-    param: Tensor,
-    slow_weights: Tensor | None,
-    swa_average: Tensor | None,
-    swa_samples: Tensor | None,
-    c: Tensor,
-) -> None:
-    """Lookahead (every k steps: slow weights step towards the fast ones, which are reset to
-    them) then SWA (a uniform running average, from ``swa_start``, every k steps). A no-op on
-    other steps (``c[_SYNC]`` and ``c[_SWA_EVENT]`` are 0 then, and on skipped steps)."""
-    dtype = c.dtype
-    p = param.to(dtype)
-    if slow_weights is not None:
-        sync = c[_SYNC] > 0
-        slow = slow_weights.to(dtype)
-        slow_new = torch.where(sync, slow + c[_ALPHA] * (p - slow), slow)
-        p = torch.where(sync, slow_new, p)
-        slow_weights.copy_(slow_new)
-        param.copy_(p)
-    if swa_average is not None and swa_samples is not None:
-        event = c[_SWA_EVENT] > 0
-        average = swa_average.to(dtype)
-        weight = 1.0 / (swa_samples.to(dtype) + 1.0)
-        swa_average.copy_(torch.where(event, average + weight * (p - average), average))
-        swa_samples.copy_(swa_samples + c[_SWA_EVENT].to(swa_samples.dtype))
+    _adam_noise_update(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        velocity,
+        slow_weights,
+        swa_average,
+        swa_samples,
+        positions,
+        c,
+        key,
+    )
 
 
 def _row_layout(p: Tensor) -> tuple[int, int, int, int, bool]:
@@ -733,6 +772,8 @@ class AMaC(HFOptimizer):
             if not isinstance(group.get(key), Tensor):
                 group[key] = torch.zeros((), device=device)
         group.setdefault("averaged_in_model", False)
+        if not torch.compiler.is_compiling():
+            self._remember_step(group, int(group["step"].item()))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         for name, check in _CHECKS.items():
@@ -781,6 +822,7 @@ class AMaC(HFOptimizer):
                     group[key] = value.to(device=device, dtype=torch.float32, copy=True)
                 elif key != "averaged_in_model":
                     group[key] = torch.tensor(float(value or 0), device=device)
+        self._remember_all_steps()
 
     def _upgrade_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         saved_groups = state_dict.get("param_groups", [])
@@ -949,7 +991,7 @@ class AMaC(HFOptimizer):
             1.0 - lr * decay_rate,
             self._scalar(group, "momentum", like),
             self._scalar(group, "noise_factor", like) * anneal,
-            step.new_full((), 0.0 if clip is None else clip),
+            step.new_full((), math.inf if clip is None else clip),
             ok.to(dtype),
             sync,
             self._scalar(group, "lookahead_alpha", like),
@@ -967,11 +1009,20 @@ class AMaC(HFOptimizer):
         guarded: bool,
     ) -> None:
         like = local(chosen[0][1])
+        known_step = self._known_step(group)
         if group["step"].device != like.device:
             for key in ("step", "swa_count", "skipped_steps"):
                 group[key] = group[key].to(like.device)
+            if known_step is not None:
+                self._remember_step(group, known_step)
+        # Lookahead and SWA act every k steps. Whether this step is one is decided on the device
+        # (c[_SYNC]); when the step count is also known on the host, the steps in between skip
+        # reading and writing the slow weights and the average altogether.
+        averaging = (group["lookahead"] or group["swa"]) and (
+            known_step is None or (known_step + 1) % group["lookahead_k"] == 0
+        )
         noise = group["noise_factor"] > 0
-        flags = {"noise": noise, "clip": group["clip_value"] is not None, "guarded": guarded}
+        flags = {"noise": noise}
         live = [(index, p) for index, p in chosen if local(p).numel() > 0]
         layouts = [
             _row_layout(p) if noise or (group_index, index) in row_means else None
@@ -1003,6 +1054,12 @@ class AMaC(HFOptimizer):
             exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
             velocity = state.get("momentum_buffer")
             velocity = None if velocity is None else local(velocity)
+            slow = average = samples = None
+            if averaging:  # else this step neither synchronises nor averages (known on the host)
+                slow, average = state.get("slow_weights"), state.get("swa_average")
+                slow = None if slow is None else local(slow)
+                average = None if average is None else local(average)
+                samples = state.get("swa_samples")
             row_mean = row_means.get((group_index, index))
             if row_mean is not None or (noise and layout[4]):
                 shape = (target.shape[0], -1)
@@ -1010,9 +1067,9 @@ class AMaC(HFOptimizer):
                     target.view(shape),
                     grad.reshape(shape),
                     row_mean,
-                    exp_avg.view(shape),
-                    exp_avg_sq.view(shape),
-                    None if velocity is None else velocity.view(shape),
+                    *(None if t is None else t.view(shape) for t in (exp_avg, exp_avg_sq)),
+                    *(None if t is None else t.view(shape) for t in (velocity, slow, average)),
+                    samples,
                     c,
                     key,
                     **flags,
@@ -1022,22 +1079,12 @@ class AMaC(HFOptimizer):
                 _update(
                     target.view(-1),
                     grad.reshape(-1),
-                    exp_avg.view(-1),
-                    exp_avg_sq.view(-1),
-                    None if velocity is None else velocity.view(-1),
+                    *(None if t is None else t.view(-1) for t in (exp_avg, exp_avg_sq)),
+                    *(None if t is None else t.view(-1) for t in (velocity, slow, average)),
+                    samples,
                     c,
                     key,
                     **flags,
-                    compiled=compiled,
-                )
-            slow, average = state.get("slow_weights"), state.get("swa_average")
-            if slow is not None or average is not None:
-                _average(
-                    target.view(-1),
-                    None if slow is None else local(slow).view(-1),
-                    None if average is None else local(average).view(-1),
-                    state.get("swa_samples"),
-                    c,
                     compiled=compiled,
                 )
             if target is not param:
@@ -1047,11 +1094,45 @@ class AMaC(HFOptimizer):
             coefficients[torch.float32] = self._coefficients(group, like, ok)
         c, decay_rate = next(iter(coefficients.values()))
         group["step"].add_(ok)
+        if known_step is not None and not guarded:  # (with skip_nonfinite ok is not known)
+            self._remember_step(group, known_step + 1)
         group["swa_count"].add_(c[_SWA_EVENT].to(torch.float32))
         group["skipped_steps"].add_(1.0 - ok)
         group["effective_lr"].copy_(c[_LR])
         group["noise_std"].copy_(c[_NOISE_STD])
         group["weight_decay_coefficient"].copy_(decay_rate)
+
+    # -- the step count as known on the host --------------------------------------------------
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
+        # id(group) -> (the group's step tensor, its version counter, its value): the value is
+        # trusted only while the tensor is the same object, unmodified since (a compiled step,
+        # a load or a user's edit changes the version); otherwise the device decides alone
+        self._known_steps: dict[int, tuple[Tensor, int, int]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._remember_all_steps()
+
+    def _remember_all_steps(self) -> None:
+        """Read every group's step count (outside step(): after a load or a copy)."""
+        for group in self.param_groups:
+            if isinstance(group.get("step"), Tensor):
+                self._remember_step(group, int(group["step"].item()))
+
+    def _remember_step(self, group: dict[str, Any], value: int) -> None:
+        step = group["step"]
+        self._known_steps[id(group)] = (step, step._version, value)
+
+    def _known_step(self, group: dict[str, Any]) -> int | None:
+        if torch.compiler.is_compiling():
+            return None
+        entry = self._known_steps.get(id(group))
+        if entry is None:
+            return None
+        tensor, version, value = entry
+        step = group["step"]
+        return value if tensor is step and step._version == version else None
 
     # -- averaged weights -------------------------------------------------------------------
     @staticmethod

@@ -87,7 +87,9 @@ def snapshot(optimizer) -> tuple[list, list]:
     # .get: indexing the state's defaultdict would create entries (and fool DCP's "is the state
     # initialised" test)
     states = [
-        dict(optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]
+        dict(optimizer.state.get(p, {}))
+        for group in optimizer.param_groups
+        for p in group["params"]
     ]
     groups = [
         {k: v for k, v in g.items() if k not in ("params", "implementation")}

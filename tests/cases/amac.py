@@ -35,7 +35,7 @@ INVALID = (
     ({"schedule": "yes"}, "schedule"),
     ({"centralize_gradients": 1}, "centralize_gradients"),
     ({"lookahead": None}, "lookahead"),
-    ({"total_steps": 10, "warmup_steps": 20}, "warmup_steps"),
+    ({"total_steps": 10, "warmup_steps": 20, "schedule": True}, "warmup_steps"),
     ({"noise_factor": float("inf")}, "noise_factor"),
     ({"eps": float("nan")}, "eps"),
 )
@@ -117,7 +117,7 @@ CASES = [
             "mu": 0.8,
             "wd": 0.02,
             "alpha": 0.7,
-            "k": 4,
+            "k": 3,
             "warmup_steps": 0,
             "swa_start": 0,
         },
