@@ -168,7 +168,7 @@ Batch-norm statistics need recomputing after SWA weights are written
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -382,7 +382,7 @@ _NORMAL_FIT = (0.963794726776335, 0.008282182438647746, 0.0012166848928791465)
 _KEY1, _KEY2, _MULTIPLIER, _OFFSET, _ROW_LENGTH = range(5)
 
 
-def _standard_normal(positions: Tensor, key: Tensor, dtype: torch.dtype) -> Tensor:
+def _standard_normal(positions: Tensor, key: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """Approximately N(0, 1) noise at int32 ``positions``, keyed by ``key`` (one tensor's row
     of :func:`_noise_keys`): two hash rounds give four 16-bit uniforms, whose standardised sum
     goes through the fitted odd polynomial ``_NORMAL_FIT``."""
@@ -461,15 +461,15 @@ def _adam_noise_update(
     swa_average: Tensor | None,
     swa_samples: Tensor | None,
     positions: Tensor | None,
-    c: Tensor,
-    key: Tensor,
+    c: tuple[Tensor, ...],
+    key: tuple[Tensor, ...],
 ) -> None:
     """The update of one tensor from its (centralized) gradient ``grad``, computed in ``c``'s
     dtype: Adam's moments and normalised step, noise (at ``positions``; ``None``: no noise),
     clipping (to +-inf when off), decoupled decay, heavy-ball momentum, then Lookahead and SWA
-    where their tensors are given. Everything stays as it was unless ``c[_OK]`` (a step skipped
-    by skip_nonfinite)."""
-    dtype = c.dtype
+    where their tensors are given (the caller adds ``c[_SWA_EVENT]`` to ``swa_samples``).
+    Everything stays as it was unless ``c[_OK]`` (a step skipped by skip_nonfinite)."""
+    dtype = c[_LR].dtype
     m = exp_avg.to(dtype)
     v = exp_avg_sq.to(dtype)
     m_new = m + (1.0 - c[_BETA1]) * (grad - m)
@@ -505,7 +505,6 @@ def _adam_noise_update(
         average = swa_average.to(dtype)
         weight = 1.0 / (swa_samples.to(dtype) + 1.0)
         swa_average.copy_(torch.where(event, average + weight * (p_new - average), average))
-        swa_samples.copy_(swa_samples + c[_SWA_EVENT].to(swa_samples.dtype))
     param.copy_(p_new)
 
 
@@ -519,18 +518,39 @@ def _update(
     slow_weights: Tensor | None,
     swa_average: Tensor | None,
     swa_samples: Tensor | None,
-    c: Tensor,
-    key: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    inv_bias1: Tensor,
+    inv_sqrt_bias2: Tensor,
+    decay: Tensor,
+    momentum: Tensor,
+    noise_std: Tensor,
+    clip: Tensor,
+    ok: Tensor,
+    sync: Tensor,
+    alpha: Tensor,
+    swa_event: Tensor,
+    key1: Tensor | None,
+    key2: Tensor | None,
+    multiplier: Tensor | None,
+    offset: Tensor | None,
+    row_length: Tensor | None,
     noise: bool,
 ) -> None:
-    """A tensor that is not centralized and is one contiguous run of the global flattening."""
+    """A tensor that is not centralized and is one contiguous run of the global flattening.
+    The scalars are this step's coefficients (``_coefficient_args``)."""
+    c = (lr, beta1, beta2, eps, inv_bias1, inv_sqrt_bias2, decay, momentum, noise_std, clip, ok)
+    c += (sync, alpha, swa_event)
+    key = (key1, key2, multiplier, offset, row_length)
     positions = None
     if noise:
         local_index = torch.arange(param.numel(), dtype=torch.int32, device=param.device)
         positions = key[_OFFSET] + local_index
     _adam_noise_update(
         param,
-        grad.to(c.dtype),
+        grad.to(lr.dtype),
         exp_avg,
         exp_avg_sq,
         velocity,
@@ -554,14 +574,34 @@ def _update_rows(
     slow_weights: Tensor | None,
     swa_average: Tensor | None,
     swa_samples: Tensor | None,
-    c: Tensor,
-    key: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    inv_bias1: Tensor,
+    inv_sqrt_bias2: Tensor,
+    decay: Tensor,
+    momentum: Tensor,
+    noise_std: Tensor,
+    clip: Tensor,
+    ok: Tensor,
+    sync: Tensor,
+    alpha: Tensor,
+    swa_event: Tensor,
+    key1: Tensor | None,
+    key2: Tensor | None,
+    multiplier: Tensor | None,
+    offset: Tensor | None,
+    row_length: Tensor | None,
     noise: bool,
 ) -> None:
     """A tensor seen as a 2-D box (rows: output channels) of the global (rows, row length)
     matrix: gradient centralization (``row_mean``, shape (rows, 1); ``None``: none), and the
     noise positions of a box whose rows may be pieces of the global rows."""
-    grad = grad.to(c.dtype)
+    c = (lr, beta1, beta2, eps, inv_bias1, inv_sqrt_bias2, decay, momentum, noise_std, clip, ok)
+    c += (sync, alpha, swa_event)
+    key = (key1, key2, multiplier, offset, row_length)
+    grad = grad.to(lr.dtype)
     if row_mean is not None:
         grad = grad - row_mean
     positions = None
@@ -582,6 +622,12 @@ def _update_rows(
         c,
         key,
     )
+
+
+def _kernel_scalars(c: Tensor, key_row: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The kernels' 0-d arguments: the coefficient vector's entries and a noise key row's."""
+    key = (None,) * 5 if key_row is None else tuple(key_row.unbind())
+    return tuple(c.unbind()) + key
 
 
 def _row_layout(p: Tensor) -> tuple[int, int, int, int, bool]:
@@ -824,6 +870,10 @@ class AMaC(HFOptimizer):
                     group[key] = torch.tensor(float(value or 0), device=device)
         self._remember_all_steps()
 
+    def _check_state_keys(self, group: dict[str, Any], param: Tensor, saved: set[str]) -> None:
+        # fast_weights exist only while the averaged weights are in the model (eval mode)
+        super()._check_state_keys(group, param, saved - {"fast_weights"})
+
     def _upgrade_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         saved_groups = state_dict.get("param_groups", [])
         if not any(not isinstance(g.get("step", 0), Tensor) for g in saved_groups):
@@ -1022,7 +1072,6 @@ class AMaC(HFOptimizer):
             known_step is None or (known_step + 1) % group["lookahead_k"] == 0
         )
         noise = group["noise_factor"] > 0
-        flags = {"noise": noise}
         live = [(index, p) for index, p in chosen if local(p).numel() > 0]
         layouts = [
             _row_layout(p) if noise or (group_index, index) in row_means else None
@@ -1039,6 +1088,11 @@ class AMaC(HFOptimizer):
                 like.device,
             )
         coefficients: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        flat_items: list[tuple[Any, ...]] = []
+        row_items: list[tuple[Any, ...]] = []
+        copies_back: list[tuple[Tensor, Tensor]] = []
+        counted: list[tuple[Tensor, Tensor]] = []
+        compiled = self._compiled(like)
         for row, ((index, p), layout) in enumerate(zip(live, layouts, strict=True)):
             state = self.state[p]
             param = local(p)
@@ -1046,49 +1100,40 @@ class AMaC(HFOptimizer):
             if dtype not in coefficients:
                 coefficients[dtype] = self._coefficients(group, param, ok)
             c = coefficients[dtype][0]
-            key = c if keys is None else keys[row]  # (ignored without noise)
-            compiled = self._compiled(param)
+            scalars = _kernel_scalars(c, None if keys is None else keys[row])
             # kernels write through views: a non-contiguous parameter is updated in a copy
             target = param if param.is_contiguous() else param.contiguous()
+            if target is not param:
+                copies_back.append((param, target))
             grad = local(p.grad)
-            exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
             velocity = state.get("momentum_buffer")
-            velocity = None if velocity is None else local(velocity)
             slow = average = samples = None
             if averaging:  # else this step neither synchronises nor averages (known on the host)
                 slow, average = state.get("slow_weights"), state.get("swa_average")
-                slow = None if slow is None else local(slow)
-                average = None if average is None else local(average)
                 samples = state.get("swa_samples")
+                if samples is not None:
+                    counted.append((samples, c[_SWA_EVENT]))
+            tensors = (state["exp_avg"], state["exp_avg_sq"], velocity, slow, average)
             row_mean = row_means.get((group_index, index))
             if row_mean is not None or (noise and layout[4]):
                 shape = (target.shape[0], -1)
-                _update_rows(
-                    target.view(shape),
-                    grad.reshape(shape),
-                    row_mean,
-                    *(None if t is None else t.view(shape) for t in (exp_avg, exp_avg_sq)),
-                    *(None if t is None else t.view(shape) for t in (velocity, slow, average)),
-                    samples,
-                    c,
-                    key,
-                    **flags,
-                    compiled=compiled,
+                views = [None if t is None else local(t).view(shape) for t in tensors]
+                row_items.append(
+                    (target.view(shape), grad.reshape(shape), row_mean, *views, samples)
+                    + scalars
+                    + (noise,)
                 )
             else:
-                _update(
-                    target.view(-1),
-                    grad.reshape(-1),
-                    *(None if t is None else t.view(-1) for t in (exp_avg, exp_avg_sq)),
-                    *(None if t is None else t.view(-1) for t in (velocity, slow, average)),
-                    samples,
-                    c,
-                    key,
-                    **flags,
-                    compiled=compiled,
+                views = [None if t is None else local(t).view(-1) for t in tensors]
+                flat_items.append(
+                    (target.view(-1), grad.reshape(-1), *views, samples) + scalars + (noise,)
                 )
-            if target is not param:
-                param.copy_(target)
+        _update.map(flat_items, compiled=compiled)
+        _update_rows.map(row_items, compiled=compiled)
+        for param, target in copies_back:
+            param.copy_(target)
+        for samples, event in counted:
+            samples.add_(event.to(samples.dtype))
         # the group's counters and statistics: 0-d tensors, updated in place
         if not coefficients:
             coefficients[torch.float32] = self._coefficients(group, like, ok)
