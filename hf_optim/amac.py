@@ -2,7 +2,7 @@ r"""AMaC: Adam with warm-up and cosine annealing, gradient centralization, annea
 injection, update clipping, dynamic weight decay, heavy-ball momentum, Lookahead and SWA.
 
 Original code: ``godsonj64/AMaC-Optimizer`` (``AMaC_optimizer.py`` and ``AMaC_v.2.py``, 2024),
-described only by its README (the seed document). There is no paper; the components are
+described only by its README. There is no paper; the components are
 Adam (Kingma & Ba, 2015) with AdamW's decoupled decay (Loshchilov & Hutter, 2019), SGDR's
 cosine (Loshchilov & Hutter, 2017), gradient centralization (Yong et al., 2020), gradient
 noise (Neelakantan et al., 2015), Lookahead (Zhang et al., 2019) and stochastic weight
@@ -60,26 +60,55 @@ group entry ``averaged_in_model``; a state dict saved in eval mode holds the fas
 checkpoint taken in eval mode resumes exactly once ``train()`` is called (``step()`` refuses to
 run in eval mode, because the gradient would have been taken at the averaged weights).
 
+Implementation
+--------------
+The update of one tensor is written once, as the kernels ``_update`` (a tensor as one
+contiguous run) and ``_update_rows`` (a tensor as a block of rows: centralization, and noise
+positions of row or column shards); both share ``_adam_noise_update``, which also applies
+Lookahead and SWA. They run as written (``implementation="eager"``, the reference) or compiled
+with inductor (``"auto"`` where a compiler works, ``"compiled"``), one fused pass over each
+tensor. Every per-step value (scheduled lr, bias corrections, annealed noise and decay, whether
+this step synchronises) is computed on the device from the group's step count, a 0-d tensor, and
+reaches the kernels as one coefficient vector: no recompiles, no host synchronisation, and
+``torch.compile(optimizer.step)`` traces the whole step. The only phase before the update is
+the per-channel gradient sums of centralization (inductor cannot yet fuse that reduction into
+the update); it needs a collective only where a channel is split across ranks.
+
+Lookahead and SWA read and write the slow weights and the average only on steps where they act
+when the step count is also known on the host (a Python value kept beside the tensor, trusted
+only while the tensor is unmodified since it was recorded): the steps in between then cost no
+more than the other features. Under ``torch.compile(optimizer.step)`` and with
+``skip_nonfinite`` the step count is not known on the host, and every step reads them and
+selects on the device (correct, a little slower).
+
 Noise
 -----
-Noise is counter-based: the noise of parameter ``i`` of group ``j`` at the group's step ``t``
-is drawn from a generator freshly seeded with a 64-bit mix of ``(seed, j, i, t)``. So the noise
-is a pure function of state that is already saved (``seed`` and ``step`` are Python ints in the
-group), a resumed run continues the same noise sequence, replicas with the same seed draw the
-same noise, and ``state_dict()`` holds no generator state at all (weights_only loads and CUDA
-need nothing special). Seeding a generator is a host-side operation (no synchronisation). The
-generators themselves are a per-device, per-thread cache, not state.
-
-torch.compile cannot trace a seeded generator, so under compilation the draw is one opaque
-custom op (``hf_optim::amac_scale_and_add_noise_``) and a step traces without a graph break.
-The step count and seeds are Python ints, so a compiled step specialises on them: compiling
-``step()`` across steps is not a supported mode (see docs/amac.md); the step runs eagerly.
+Noise is counter-based and drawn inside the kernel: the value added at an element is a pure
+function of (``seed``, group index, the parameter's index in its group, the group's step, the
+element's position in the whole tensor), computed with int32 tensor operations: two rounds of a
+32-bit integer hash (xor-shift-multiply, keyed by the other four values) give four 16-bit
+uniforms; their standardised sum (Irwin-Hall, n=4) goes through an odd polynomial fitted so
+that its distribution is within 2.7e-4 of the normal one (largest CDF difference), with unit
+variance exactly and tails to 4.3 standard deviations. So a resumed run continues the same noise
+(``seed`` and ``step`` are saved), replicas with the same seed draw the same noise, a sharded
+run draws what a single process draws (positions are global), nothing else needs saving, and
+neither the global RNG nor a generator's state is involved. Positions wrap modulo 2**32:
+tensors of more than 2**32 elements repeat their noise pattern past that. Upstream draws
+``torch.randn_like``; a seeded torch generator cannot be used inside a compiled kernel.
 
 Noise is added to the normalised update, so in parameter space it scales with
-:math:`\gamma_t` and vanishes with ``lr=0``: a step with ``lr=0`` from a fresh state (what
-torch.distributed.checkpoint runs to initialise state) leaves the parameters unchanged. (A
-velocity built up earlier still coasts at ``lr=0``, and a Lookahead synchronisation still
-moves the fast weights to the slow ones.)
+:math:`\gamma_t` and vanishes with ``lr=0``. (A velocity built up earlier still coasts at
+``lr=0``, and a Lookahead synchronisation still moves the fast weights to the slow ones.)
+
+Sharding
+--------
+Under FSDP2 (DTensor parameters) all work is on local shards, and the result equals a single
+process on the whole batch. Noise positions are global; a row's mean is local when rows are
+whole on each rank (``Shard(0)``, FSDP2's default: no collective at all), and is summed across
+ranks, in one collective per step, when rows are split (``Shard(1)`` of a matrix). Layouts
+whose local piece is not a block of rows are refused with an error when centralization or noise
+needs positions. With ``skip_nonfinite`` the count of non-finite gradient elements joins that
+collective (or is its only content).
 
 Differences from upstream (and why)
 -----------------------------------
@@ -93,25 +122,28 @@ Differences from upstream (and why)
   after warm-up and nothing anneals; the first step warns about it.
 * Gradient centralization is the published technique: the mean over all dimensions but the
   first (the output channel in torch's Linear/Conv layout) is removed, only for tensors with
-  two or more dimensions, on a copy. Upstream removes the whole-tensor mean from every tensor,
-  so one-element parameters never learn, and it overwrites ``p.grad``. The mean is a
-  per-tensor reduction (accumulated in float32 or wider); under sharding (FSDP flat shards,
-  DTensors) a per-channel mean would need its partial sums finished through
-  ``hf_optim/_reduce.py`` and is not done here: 1-D shards are not centralized.
+  two or more dimensions whose channels have more than one element, on a copy. Upstream
+  removes the whole-tensor mean from every tensor, so one-element parameters never learn, and
+  it overwrites ``p.grad``. The mean accumulates in float32 or wider.
 * SWA honours ``swa_start`` (``None`` means the end of warm-up, which is what upstream
   effectively does) and is a uniform running average of every parameter of every group, one
   count per group, updated every ``lookahead_k`` steps. Upstream counts once per parameter,
   so its average is not uniform, crashes with two groups of different shapes, and keeps the
   average outside ``state_dict()``. A parameter without a gradient at an SWA event is skipped
-  (left untouched); one that joins late starts its average from its weights at its first event.
+  (left untouched); one that joins late starts its average from its weights at its first event
+  (each parameter counts its own samples, ``swa_samples``).
 * Counters are per group, not per parameter: warm-up, cosine, bias correction, Lookahead and
   SWA stay in phase for parameters that miss gradients. A parameter that joins late therefore
   gets the group's bias correction, as if it had seen zero gradients before.
 * ``lr`` and ``weight_decay`` are group keys read every step (upstream caches ``lr/W`` at the
   first step, which freezes training when an external warm-up starts at 0, and reads ``wd``).
-* ``warmup_steps=0`` works (upstream divides by zero).
-* Everything a resume needs (moments, velocity, slow weights, SWA average and count, mode,
-  fast weights in eval mode) is in ``state_dict()``; upstream loses SWA.
+* ``warmup_steps=0`` works (upstream divides by zero); ``warmup_steps > total_steps`` is
+  refused (with the internal schedule on), since the warm-up would outlast the run.
+* The noise is approximately Gaussian (above), counter-based instead of the global RNG.
+* Everything a resume needs (moments, velocity, slow weights, SWA average and counts, mode,
+  fast weights in eval mode, step counts) is in ``state_dict()``; upstream loses SWA.
+* Moments and averages follow the parameter dtype (as torch's Adam); the arithmetic runs in
+  float32 (float64 for float64 parameters) and is rounded once when stored.
 * Upstream names are accepted: ``beta1``/``beta2`` (for ``betas``), ``mu`` (``momentum``),
   ``wd`` (``weight_decay``), ``k`` (``lookahead_k``) and ``alpha``, upstream's weight of the
   *slow* weights: ``lookahead_alpha = 1 - alpha`` (Lookahead's step towards the fast weights,
@@ -119,13 +151,14 @@ Differences from upstream (and why)
   ``total_steps``, as in upstream v2. Giving an upstream name and its readable name together is
   an error.
 * ``zero_grad`` is torch's (upstream overrides it without ``set_to_none``); sparse gradients
-  raise a clear error.
+  and complex parameters raise a clear error.
 
 What the training loop must provide
 -----------------------------------
 ``total_steps`` and ``warmup_steps`` count optimizer steps (after gradient accumulation). An
 external learning-rate scheduler multiplies onto the internal schedule: use a constant
-scheduler, or ``schedule=False`` to let the external one rule alone. Gradient clipping by norm
+scheduler, or ``schedule=False`` to let the external one rule alone (a scheduler that changes
+``lr`` while the internal schedule is on gets one warning). Gradient clipping by norm
 is compatible (AMaC additionally clamps its normalised update elementwise). Call ``eval()``
 before evaluating and ``train()`` before the next training step (the HF Trainer does both).
 Batch-norm statistics need recomputing after SWA weights are written
@@ -135,18 +168,24 @@ Batch-norm statistics need recomputing after SWA weights are written
 from __future__ import annotations
 
 import math
-import threading
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import HFOptimizer, check_betas, check_choice, check_range
-from ._reduce import accumulation_dtype
+from ._base import HFOptimizer, check_betas, check_choice, check_flag, check_range
+from ._kernels import kernel
+from ._reduce import (
+    accumulation_dtype,
+    counts,
+    finish_sums,
+    is_sharded,
+    local,
+    reduction_group,
+)
 
-__all__ = ["AMaC"]
+__all__ = ["AMaC", "lr_factor", "anneal_factor"]
 
 
 # -- defaults that remember they were not given (so an alias beside them is detected) ------
@@ -186,14 +225,18 @@ def _check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> 
         raise ValueError(f"{name} must be an integer >= {low}{none}, got {value!r}")
 
 
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+def _check_total_steps(name: str, value: Any) -> None:
+    if isinstance(value, float):
+        raise ValueError(
+            f"{name} must be an integer >= 1 or None, got {value!r} (the second positional "
+            "argument is total_steps, as in upstream AMaC v2; give lr=... by keyword)"
+        )
+    _check_int(name, value, 1, allow_none=True)
 
 
 def _check_clip(name: str, value: Any) -> None:
     if value is not None:
-        check_range(name, value, 0.0, math.inf, low_open=True)
+        check_range(name, value, 0.0, low_open=True)
 
 
 _CHECKS: dict[str, Callable[[str, Any], None]] = {
@@ -205,30 +248,37 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
     "noise_factor": lambda n, v: check_range(n, v, 0.0),
     "clip_value": _check_clip,
     "warmup_steps": lambda n, v: _check_int(n, v, 0),
-    "total_steps": lambda n, v: _check_int(n, v, 1, allow_none=True),
+    "total_steps": _check_total_steps,
     "min_lr_ratio": lambda n, v: check_range(n, v, 0.0, 1.0),
     "lookahead_k": lambda n, v: _check_int(n, v, 1),
     "lookahead_alpha": lambda n, v: check_range(n, v, 0.0, 1.0, low_open=True),
     "swa_start": lambda n, v: _check_int(n, v, 0, allow_none=True),
     "seed": lambda n, v: _check_int(n, v, 0),
     "eval_weights": lambda n, v: check_choice(n, v, ("averaged", "fast")),
-    "schedule": _check_flag,
-    "cosine": _check_flag,
-    "centralize_gradients": _check_flag,
-    "bias_correction": _check_flag,
-    "dynamic_weight_decay": _check_flag,
-    "lookahead": _check_flag,
-    "swa": _check_flag,
+    "schedule": check_flag,
+    "cosine": check_flag,
+    "centralize_gradients": check_flag,
+    "bias_correction": check_flag,
+    "dynamic_weight_decay": check_flag,
+    "lookahead": check_flag,
+    "swa": check_flag,
 }
 
 # upstream name -> readable name (beta1/beta2 fold into betas; alpha is converted)
-_ALIASES = {"mu": "momentum", "wd": "weight_decay", "k": "lookahead_k", "alpha": "lookahead_alpha"}
+_ALIASES = {
+    "beta1": "betas",
+    "beta2": "betas",
+    "mu": "momentum",
+    "wd": "weight_decay",
+    "k": "lookahead_k",
+    "alpha": "lookahead_alpha",
+}
 
 
 def _resolve_aliases(options: dict[str, Any], given: set[str], aliases: dict[str, Any]) -> None:
     """Fold upstream names (``aliases``, only those given) into ``options`` in place."""
     for alias, value in aliases.items():
-        readable = "betas" if alias in ("beta1", "beta2") else _ALIASES[alias]
+        readable = _ALIASES[alias]
         if readable in given:
             raise ValueError(
                 f"give either {alias!r} (upstream AMaC's name) or {readable!r}, not both"
@@ -247,7 +297,36 @@ def _resolve_aliases(options: dict[str, Any], given: set[str], aliases: dict[str
             options[readable] = value
 
 
-# -- the schedule (pure functions of the group's step count) ------------------------------
+def _check_lengths(group: dict[str, Any], total_steps: int | None) -> None:
+    """The internal warm-up must end within the run."""
+    warmup_steps = group["warmup_steps"]
+    if group["schedule"] and total_steps is not None and warmup_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps}): the "
+            "warm-up would still be raising the learning rate when the run ends. Give a "
+            "shorter warmup_steps (e.g. a few percent of total_steps) or warmup_steps=0."
+        )
+
+
+# -- the schedule: a pure function of the group's step count -------------------------------
+def _schedule(step: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(multiplier of ``lr``, annealing factor of noise and weight decay) at ``step``
+    (1-based, a tensor): linear warm-up, then a cosine from 1 to ``min_lr_ratio`` reached at
+    ``total_steps`` and held; the annealing goes linearly from 1 to 0 at ``total_steps``."""
+    warmup, total = group["warmup_steps"], group["total_steps"]
+    one = torch.ones_like(step)
+    factor = one
+    if group["schedule"]:
+        if group["cosine"] and total is not None:
+            progress = ((step - warmup) / max(total - warmup, 1)).clamp(0.0, 1.0)
+            floor = group["min_lr_ratio"]
+            factor = floor + (1.0 - floor) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+        if warmup > 0:
+            factor = torch.where(step < warmup, step / warmup, factor)
+    anneal = one if total is None else (1.0 - step / total).clamp(min=0.0)
+    return factor, anneal
+
+
 def lr_factor(
     step: int,
     *,
@@ -257,171 +336,331 @@ def lr_factor(
     min_lr_ratio: float = 0.0,
     schedule: bool = True,
 ) -> float:
-    """Multiplier of ``lr`` at ``step`` (1-based): linear warm-up, then a cosine from 1 to
-    ``min_lr_ratio`` reached at ``total_steps`` and held afterwards."""
-    if not schedule:
-        return 1.0
-    if step < warmup_steps:
-        return step / warmup_steps
-    if not cosine or total_steps is None:
-        return 1.0
-    progress = min(1.0, max(0.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Multiplier of ``lr`` at ``step`` (1-based), as the optimizer computes it."""
+    group = {
+        "warmup_steps": warmup_steps,
+        "total_steps": total_steps,
+        "cosine": cosine,
+        "min_lr_ratio": min_lr_ratio,
+        "schedule": schedule,
+    }
+    return float(_schedule(torch.tensor(float(step), dtype=torch.float64), group)[0])
 
 
 def anneal_factor(step: int, total_steps: int | None) -> float:
     """Linear annealing of noise and weight decay, from 1 to 0 at ``total_steps``."""
-    if total_steps is None:
-        return 1.0
-    return max(0.0, 1.0 - step / total_steps)
+    group = {"warmup_steps": 0, "total_steps": total_steps, "cosine": False, "schedule": False}
+    return float(_schedule(torch.tensor(float(step), dtype=torch.float64), group)[1])
 
 
-# -- counter-based noise seeds --------------------------------------------------------------
-_MASK64 = (1 << 64) - 1
+# -- noise: a counter-based generator written with int32 tensor ops -------------------------
+# Every value is a pure function of (seed, group index, parameter index, step, the element's
+# position in the whole tensor), computed inside the kernel: nothing to save, the same on every
+# replica and under any sharding. int32 lanes wrap on multiplication (two's complement), as
+# inductor's C++ and Triton code and torch's CPU and CUDA kernels all do.
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int32 lanes (``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (C. Wellons' "lowbias32": xor-shift-multiply)."""
+    x = x ^ _shift_right(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _shift_right(x, 15)
+    x = x * (0x846CA68B - (1 << 32))  # the 32-bit constant as a signed int32
+    return x ^ _shift_right(x, 16)
 
 
-def noise_seed(seed: int, group_index: int, param_index: int, step: int) -> int:
-    """The 63-bit seed of one parameter's noise at one step (a pure function)."""
-    mixed = _splitmix64(seed)
-    for value in (group_index, param_index, step):
-        mixed = _splitmix64(mixed ^ value)
-    return mixed >> 1
+# z (c0 + c1 z^2 + c2 z^4) maps the standardised sum of four uniforms (Irwin-Hall, n=4) to
+# within 2.7e-4 of the normal distribution function (the largest difference between the two
+# CDFs), with unit variance kept exactly; fitted numerically (see docs/amac.md).
+_NORMAL_FIT = (0.963794726776335, 0.008282182438647746, 0.0012166848928791465)
+
+# columns of the per-tensor noise key: two round keys, an odd multiplier, the global position
+# of the piece's first element, and the global row length (for pieces that are 2-D boxes)
+_KEY1, _KEY2, _MULTIPLIER, _OFFSET, _ROW_LENGTH = range(5)
 
 
-# Large CPU tensors get their noise drawn and used block by block, so that the noise never
-# leaves the cache. torch's CPU normal_ draws in runs of 16, so blocks that are multiples of 16
-# (and a last block of at least 16) give exactly the values of one draw over the whole tensor.
-_NOISE_BLOCK = 1 << 16
+def _standard_normal(positions: Tensor, key: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Approximately N(0, 1) noise at int32 ``positions``, keyed by ``key`` (one tensor's row
+    of :func:`_noise_keys`): two hash rounds give four 16-bit uniforms, whose standardised sum
+    goes through the fitted odd polynomial ``_NORMAL_FIT``."""
+    first = _mix32((positions ^ key[_KEY1]) * key[_MULTIPLIER])
+    second = _mix32(first ^ key[_KEY2])
+    total = (first & 0xFFFF) + _shift_right(first, 16) + (second & 0xFFFF)
+    total = total + _shift_right(second, 16)
+    z = ((total.to(dtype) + 2.0) * 2.0**-16 - 2.0) * math.sqrt(3.0)
+    z2 = z * z
+    c0, c1, c2 = _NORMAL_FIT
+    return z * (c0 + z2 * (c1 + z2 * c2))
 
 
-def _noise_blocks(numel: int) -> list[tuple[int, int]]:
-    bounds, start = [], 0
-    while start < numel:
-        stop = min(start + _NOISE_BLOCK, numel)
-        if numel - stop < 16:
-            stop = numel
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+def _noise_keys(
+    seed: int,
+    group_index: int,
+    indices: list[int],
+    layouts: list[tuple[int, int]],
+    step: Tensor,
+    device: torch.device,
+) -> Tensor:
+    """One int32 row per parameter (columns ``_KEY1`` ... ``_ROW_LENGTH``) for this step.
+
+    ``indices`` are the parameters' positions in their group; ``layouts`` their (global offset
+    of the local piece's first element, global row length)."""
+    index = torch.tensor(indices, dtype=torch.int32, device=device)
+    stream = _mix32(index ^ (seed & 0x7FFFFFFF))
+    stream = _mix32(stream ^ ((seed >> 31) & 0x7FFFFFFF))
+    stream = _mix32(stream ^ (group_index & 0x7FFFFFFF))
+    step_key = _mix32(_mix32(step.to(torch.int32)) ^ 0x2545F491)
+    key1 = _mix32(stream ^ step_key)
+    key2 = _mix32(key1 ^ 0x5BD1E995)
+    multiplier = _mix32(key2 ^ 0x68E31DA4) | 1
+    placement = torch.tensor(
+        [[_as_int32(offset), _as_int32(row)] for offset, row in layouts],
+        dtype=torch.int32,
+        device=device,
+    ).reshape(-1, 2)
+    return torch.cat([torch.stack([key1, key2, multiplier], dim=1), placement], dim=1)
 
 
-# One generator per device and thread, reseeded before every draw: a cache that carries no
-# state (the noise is a function of the seeds alone), private to each thread so that optimizers
-# stepping in parallel threads cannot interleave a seeding and a draw.
-_CACHE = threading.local()
+def _as_int32(value: int) -> int:
+    """``value`` modulo 2**32 as a signed int32 (positions past 2**31 wrap, as in the kernel)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _scale_and_add_noise(
-    targets: list[Tensor],
-    seeds: list[int],
-    std: float,
-    scale: float,
-    numerators: list[Tensor],
-    bound: float = math.inf,
+# -- the kernels ------------------------------------------------------------------------------
+# Entries of the per-group coefficient vector (one tensor, so each kernel call takes few
+# arguments); computed on the device from the group's step count.
+(
+    _LR,
+    _BETA1,
+    _BETA2,
+    _EPS,
+    _INV_BIAS1,
+    _INV_SQRT_BIAS2,
+    _DECAY,
+    _MOMENTUM,
+    _NOISE_STD,
+    _CLIP,
+    _OK,
+    _SYNC,
+    _ALPHA,
+    _SWA_EVENT,
+) = range(14)
+
+
+def _adam_noise_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    velocity: Tensor | None,
+    slow_weights: Tensor | None,
+    swa_average: Tensor | None,
+    swa_samples: Tensor | None,
+    positions: Tensor | None,
+    c: tuple[Tensor, ...],
+    key: tuple[Tensor, ...],
 ) -> None:
-    generators: dict[torch.device, torch.Generator] | None = getattr(_CACHE, "generators", None)
-    if generators is None:
-        generators = _CACHE.generators = {}
-    # one scratch buffer per step instead of a fresh noise tensor per parameter: on CPU every
-    # freshly allocated page costs a fault, which is as expensive as several passes
-    scratch: dict[tuple, Tensor] = {}
-    blocked = [
-        bool(numerators)
-        and target.device.type == "cpu"
-        and target.numel() > _NOISE_BLOCK
-        and target.is_contiguous()
-        and numerators[index].is_contiguous()
-        for index, target in enumerate(targets)
-    ]
-    for index, (target, seed) in enumerate(zip(targets, seeds, strict=True)):
-        generator = generators.get(target.device)
-        if generator is None:
-            generator = generators[target.device] = torch.Generator(device=target.device)
-        generator.manual_seed(seed)
-        if blocked[index]:
-            flat_target, flat_numerator = target.view(-1), numerators[index].view(-1)
-            block_key = ("block", target.device, target.dtype)
-            if block_key not in scratch:
-                scratch[block_key] = torch.empty(
-                    _NOISE_BLOCK + 16, dtype=target.dtype, device=target.device
-                )
-            for start, stop in _noise_blocks(target.numel()):
-                noise = scratch[block_key][: stop - start]
-                noise.normal_(0.0, std, generator=generator)
-                out = flat_target[start:stop]
-                torch.addcdiv(noise, flat_numerator[start:stop], out, value=scale, out=out)
-                if bound != math.inf:
-                    out.clamp_(-bound, bound)  # while the block is still in cache
-            continue
-        key = (target.device, target.dtype)
-        if key not in scratch:
-            # sized for the tensors drawn whole; the blocked ones never touch it
-            size = max(
-                t.numel()
-                for t, is_blocked in zip(targets, blocked, strict=True)
-                if not is_blocked and (t.device, t.dtype) == key
-            )
-            scratch[key] = torch.empty(size, dtype=target.dtype, device=target.device)
-        noise = scratch[key][: target.numel()].view(target.shape)
-        noise.normal_(0.0, std, generator=generator)  # logical order, whatever the strides
-        if not numerators:
-            torch.add(noise, target, alpha=scale, out=target)
-        else:
-            # the ratio, its scaling and the noise in one pass over memory
-            torch.addcdiv(noise, numerators[index], target, value=scale, out=target)
-        if bound != math.inf:
-            target.clamp_(-bound, bound)
-
-
-# torch.compile cannot trace a seeded torch.Generator, so under compilation the draw is one
-# opaque custom op (no graph break, no host synchronisation); eager calls skip its dispatch.
-@torch.library.custom_op("hf_optim::amac_scale_and_add_noise_", mutates_args=("targets",))
-def _scale_and_add_noise_op(
-    targets: list[Tensor],
-    seeds: list[int],
-    std: float,
-    scale: float,
-    numerators: list[Tensor],
-    bound: float,
-) -> None:
-    _scale_and_add_noise(targets, seeds, std, scale, numerators, bound)
-
-
-@_scale_and_add_noise_op.register_fake
-def _(
-    targets: list[Tensor],
-    seeds: list[int],
-    std: float,
-    scale: float,
-    numerators: list[Tensor],
-    bound: float,
-) -> None:
-    return None
-
-
-def scale_and_add_noise_(
-    targets: list[Tensor],
-    seeds: list[int],
-    std: float,
-    scale: float,
-    numerators: list[Tensor] | None = None,
-    bound: float = math.inf,
-) -> None:
-    """``target = scale * target + N(0, std^2)`` for each target, in place, or with
-    ``numerators`` ``target = scale * numerator / target + N(0, std^2)``, then clamped to
-    ``[-bound, bound]``; the noise of each target is a pure function of its seed."""
-    numerators = [] if numerators is None else numerators
-    if torch.compiler.is_compiling():
-        _scale_and_add_noise_op(targets, seeds, std, scale, numerators, bound)
+    """The update of one tensor from its (centralized) gradient ``grad``, computed in ``c``'s
+    dtype: Adam's moments and normalised step, noise (at ``positions``; ``None``: no noise),
+    clipping (to +-inf when off), decoupled decay, heavy-ball momentum, then Lookahead and SWA
+    where their tensors are given (the caller adds ``c[_SWA_EVENT]`` to ``swa_samples``).
+    Everything stays as it was unless ``c[_OK]`` (a step skipped by skip_nonfinite)."""
+    dtype = c[_LR].dtype
+    m = exp_avg.to(dtype)
+    v = exp_avg_sq.to(dtype)
+    m_new = m + (1.0 - c[_BETA1]) * (grad - m)
+    v_new = c[_BETA2] * v + (1.0 - c[_BETA2]) * grad * grad
+    direction = (m_new * c[_INV_BIAS1]) / (v_new.sqrt() * c[_INV_SQRT_BIAS2] + c[_EPS])
+    if positions is not None:
+        direction = direction + c[_NOISE_STD] * _standard_normal(positions, key, dtype)
+    direction = torch.clamp(direction, -c[_CLIP], c[_CLIP])
+    p = param.to(dtype)
+    ok = c[_OK] > 0
+    if velocity is None:
+        p_new = p * c[_DECAY] - c[_LR] * direction
     else:
-        _scale_and_add_noise(targets, seeds, std, scale, numerators, bound)
+        u = velocity.to(dtype)
+        u_new = c[_MOMENTUM] * u + c[_LR] * direction
+        p_new = p * c[_DECAY] - u_new
+        velocity.copy_(torch.where(ok, u_new, u))
+    m_new, v_new = torch.where(ok, m_new, m), torch.where(ok, v_new, v)
+    p_new = torch.where(ok, p_new, p)
+    exp_avg.copy_(m_new)
+    exp_avg_sq.copy_(v_new)
+    # Lookahead, every k steps: the slow weights step towards the fast ones, which are reset to
+    # them. Then SWA, every k steps from swa_start: a uniform running average. c[_SYNC] and
+    # c[_SWA_EVENT] are 0 on other steps (and on skipped ones), where both leave all as it was.
+    if slow_weights is not None:
+        sync = c[_SYNC] > 0
+        slow = slow_weights.to(dtype)
+        slow_new = torch.where(sync, slow + c[_ALPHA] * (p_new - slow), slow)
+        p_new = torch.where(sync, slow_new, p_new)
+        slow_weights.copy_(slow_new)
+    if swa_average is not None and swa_samples is not None:
+        event = c[_SWA_EVENT] > 0
+        average = swa_average.to(dtype)
+        weight = 1.0 / (swa_samples.to(dtype) + 1.0)
+        swa_average.copy_(torch.where(event, average + weight * (p_new - average), average))
+    param.copy_(p_new)
+
+
+@kernel
+def _update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    velocity: Tensor | None,
+    slow_weights: Tensor | None,
+    swa_average: Tensor | None,
+    swa_samples: Tensor | None,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    inv_bias1: Tensor,
+    inv_sqrt_bias2: Tensor,
+    decay: Tensor,
+    momentum: Tensor,
+    noise_std: Tensor,
+    clip: Tensor,
+    ok: Tensor,
+    sync: Tensor,
+    alpha: Tensor,
+    swa_event: Tensor,
+    key1: Tensor | None,
+    key2: Tensor | None,
+    multiplier: Tensor | None,
+    offset: Tensor | None,
+    row_length: Tensor | None,
+    noise: bool,
+) -> None:
+    """A tensor that is not centralized and is one contiguous run of the global flattening.
+    The scalars are this step's coefficients (``_coefficient_args``)."""
+    c = (lr, beta1, beta2, eps, inv_bias1, inv_sqrt_bias2, decay, momentum, noise_std, clip, ok)
+    c += (sync, alpha, swa_event)
+    key = (key1, key2, multiplier, offset, row_length)
+    positions = None
+    if noise:
+        local_index = torch.arange(param.numel(), dtype=torch.int32, device=param.device)
+        positions = key[_OFFSET] + local_index
+    _adam_noise_update(
+        param,
+        grad.to(lr.dtype),
+        exp_avg,
+        exp_avg_sq,
+        velocity,
+        slow_weights,
+        swa_average,
+        swa_samples,
+        positions,
+        c,
+        key,
+    )
+
+
+@kernel(flatten=False)
+def _update_rows(
+    param: Tensor,
+    grad: Tensor,
+    row_mean: Tensor | None,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    velocity: Tensor | None,
+    slow_weights: Tensor | None,
+    swa_average: Tensor | None,
+    swa_samples: Tensor | None,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    inv_bias1: Tensor,
+    inv_sqrt_bias2: Tensor,
+    decay: Tensor,
+    momentum: Tensor,
+    noise_std: Tensor,
+    clip: Tensor,
+    ok: Tensor,
+    sync: Tensor,
+    alpha: Tensor,
+    swa_event: Tensor,
+    key1: Tensor | None,
+    key2: Tensor | None,
+    multiplier: Tensor | None,
+    offset: Tensor | None,
+    row_length: Tensor | None,
+    noise: bool,
+) -> None:
+    """A tensor seen as a 2-D box (rows: output channels) of the global (rows, row length)
+    matrix: gradient centralization (``row_mean``, shape (rows, 1); ``None``: none), and the
+    noise positions of a box whose rows may be pieces of the global rows."""
+    c = (lr, beta1, beta2, eps, inv_bias1, inv_sqrt_bias2, decay, momentum, noise_std, clip, ok)
+    c += (sync, alpha, swa_event)
+    key = (key1, key2, multiplier, offset, row_length)
+    grad = grad.to(lr.dtype)
+    if row_mean is not None:
+        grad = grad - row_mean
+    positions = None
+    if noise:
+        rows = torch.arange(param.shape[0], dtype=torch.int32, device=param.device)
+        columns = torch.arange(param.shape[1], dtype=torch.int32, device=param.device)
+        positions = key[_OFFSET] + rows.unsqueeze(1) * key[_ROW_LENGTH] + columns
+    _adam_noise_update(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        velocity,
+        slow_weights,
+        swa_average,
+        swa_samples,
+        positions,
+        c,
+        key,
+    )
+
+
+def _kernel_scalars(c: Tensor, key_row: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The kernels' 0-d arguments: the coefficient vector's entries and a noise key row's."""
+    key = (None,) * 5 if key_row is None else tuple(key_row.unbind())
+    return tuple(c.unbind()) + key
+
+
+def _row_layout(p: Tensor) -> tuple[int, int, int, int, bool]:
+    """For a parameter seen as a (rows, row length) matrix (dim 0 by the rest): (global rows,
+    global row length, global row of the local piece's first row, global position of its first
+    element, whether its rows are pieces of global rows). Raises for layouts whose local piece
+    is not a 2-D box of that matrix."""
+    shape = tuple(p.shape)
+    rows = shape[0] if shape else 1
+    row_length = math.prod(shape[1:])
+    if not is_sharded(p):
+        return rows, row_length, 0, 0, False
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offsets = compute_local_shape_and_global_offset(
+        p.shape, p.device_mesh, p.placements
+    )
+    split = {
+        placement.dim
+        for placement, size in zip(p.placements, p.device_mesh.shape, strict=True)
+        if isinstance(placement, Shard) and size > 1
+    }
+    if split <= {0}:
+        return rows, row_length, offsets[0], offsets[0] * row_length, False
+    if len(shape) == 2 and split <= {0, 1}:
+        return rows, row_length, offsets[0], offsets[0] * row_length + offsets[1], True
+    raise ValueError(
+        f"AMaC cannot place a parameter of shape {shape} sharded as {p.placements}: its local "
+        "piece is not a block of rows (needed for gradient centralization and for noise keyed "
+        "on global positions). Shard such parameters on dimension 0 (FSDP2's default), or turn "
+        "centralize_gradients and noise_factor off."
+    )
 
 
 # -- the optimizer -----------------------------------------------------------------------
@@ -434,14 +673,15 @@ class AMaC(HFOptimizer):
         total_steps: run length in optimizer steps: the cosine reaches its floor and noise and
             weight decay reach zero here. ``None``: no cosine and no annealing until
             :meth:`set_total_steps` is called. Second positional argument, as in upstream v2.
-        lr: base learning rate (group key ``lr``, read every step).
+        lr: base learning rate (group key ``lr``, read every step; may be a tensor).
         betas: Adam's moment coefficients (upstream ``beta1``, ``beta2``).
         eps: Adam's denominator term.
         weight_decay: decoupled weight decay (upstream ``wd``), scaled by the scheduled lr.
         momentum: heavy-ball coefficient on the Adam direction (upstream ``mu``); 0 is AdamW.
         noise_factor: standard deviation of the noise added to the normalised update.
         clip_value: elementwise clamp of the normalised update; ``None`` disables it.
-        warmup_steps: linear warm-up length in optimizer steps; 0 disables warm-up.
+        warmup_steps: linear warm-up length in optimizer steps (at most ``total_steps``); 0
+            disables warm-up.
         cosine: cosine annealing after warm-up (needs ``total_steps``).
         min_lr_ratio: the cosine's floor as a fraction of ``lr``.
         schedule: apply the internal warm-up and cosine; ``False`` uses ``lr`` as given (for
@@ -459,18 +699,40 @@ class AMaC(HFOptimizer):
         eval_weights: what :meth:`eval` puts into the model: ``"averaged"`` (SWA average,
             else Lookahead slow weights) or ``"fast"`` (nothing is swapped).
         seed: seed of the noise; replicas with the same seed make identical steps.
-        foreach: ``None``/``True`` use the multi-tensor path, ``False`` the reference loop.
+        implementation: ``"auto"`` (compiled kernels where a compiler works), ``"compiled"``
+            or ``"eager"`` (the reference).
+        skip_nonfinite: skip (leave parameters and state exactly as they are) a step whose
+            gradients are not all finite; counted in ``statistics()["skipped_steps/..."]``.
         beta1, beta2, mu, wd, alpha, k: upstream AMaC's names of the arguments above.
     """
 
-    statistic_keys = ("effective_lr", "noise_std", "weight_decay_coefficient", "swa_count")
+    statistic_keys = (
+        "effective_lr",
+        "noise_std",
+        "weight_decay_coefficient",
+        "swa_count",
+        "skipped_steps",
+    )
+    group_state_keys = (
+        "step",
+        "swa_count",
+        "skipped_steps",
+        "averaged_in_model",
+        "effective_lr",
+        "noise_std",
+        "weight_decay_coefficient",
+    )
+    counter_state_keys = frozenset({"swa_samples"})
+    #: upstream AMaC's argument names and the readable names they stand for (read by the
+    #: Hugging Face layer so that an upstream name in optim_args wins over the Trainer's value)
+    argument_aliases = dict(_ALIASES)
 
     def __init__(
         self,
         params: Any,
         total_steps: int | None = None,
         *,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = _DefaultTuple((0.9, 0.999)),
         eps: float = 1e-8,
         weight_decay: float = _DefaultFloat(0.01),
@@ -491,7 +753,8 @@ class AMaC(HFOptimizer):
         swa_start: int | None = None,
         eval_weights: str = "averaged",
         seed: int = 0,
-        foreach: bool | None = None,
+        implementation: str = "auto",
+        skip_nonfinite: bool = False,
         beta1: float | None = None,
         beta2: float | None = None,
         mu: float | None = None,
@@ -499,12 +762,6 @@ class AMaC(HFOptimizer):
         alpha: float | None = None,
         k: int | None = None,
     ) -> None:
-        if isinstance(total_steps, float):
-            raise ValueError(
-                f"total_steps must be an integer >= 1 or None, got {total_steps!r} (the second "
-                "positional argument is total_steps, as in upstream AMaC v2; give lr=... by "
-                "keyword)"
-            )
         options: dict[str, Any] = {
             "lr": lr,
             "betas": betas,
@@ -536,36 +793,107 @@ class AMaC(HFOptimizer):
             {name: value for name, value in upstream.items() if value is not None},
         )
         options = {name: _plain(value) for name, value in options.items()}
-        for name, value in options.items():
-            _CHECKS[name](name, value)
-        options["foreach"] = foreach
+        options["implementation"] = implementation
+        options["skip_nonfinite"] = skip_nonfinite
         super().__init__(params, options)
 
     # -- groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
-        aliases = {name: group.pop(name) for name in (*_ALIASES, "beta1", "beta2") if name in group}
-        given = set(group)
-        for name in _CHECKS:
-            if name not in group and name in self.defaults:
-                group[name] = self.defaults[name]
-        _resolve_aliases(group, given, aliases)
-        for name in _CHECKS:
-            if name in given:
-                _CHECKS[name](name, group[name])
-        # group-level state, saved with the group: counters and the eval/train mode
-        group.setdefault("step", 0)
-        group.setdefault("swa_count", 0)
-        group.setdefault("averaged_in_model", False)
+        aliases = {name: group.pop(name) for name in _ALIASES if name in group}
+        if aliases:
+            given = set(group)
+            if "betas" not in group and ("beta1" in aliases or "beta2" in aliases):
+                group["betas"] = self.defaults["betas"]
+            _resolve_aliases(group, given, aliases)
         super().add_param_group(group)
+        group = self.param_groups[-1]
+        # group-level state, saved with the group; created here (not at the first step) so that
+        # torch.distributed.checkpoint's state-initialising step leaves the groups unchanged
+        device = self._group_device(group)
+        for key in ("step", "swa_count", "skipped_steps"):
+            if not isinstance(group.get(key), Tensor):
+                group[key] = torch.tensor(float(group.get(key, 0)), device=device)
+        for key in ("effective_lr", "noise_std", "weight_decay_coefficient"):
+            if not isinstance(group.get(key), Tensor):
+                group[key] = torch.zeros((), device=device)
+        group.setdefault("averaged_in_model", False)
+        if not torch.compiler.is_compiling():
+            self._remember_step(group, int(group["step"].item()))
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        for name, check in _CHECKS.items():
+            check(name, group[name])
+        _check_lengths(group, group["total_steps"])
+
+    @staticmethod
+    def _group_device(group: dict[str, Any]) -> torch.device:
+        params = group["params"]
+        return local(params[0]).device if params else torch.device("cpu")
 
     def set_total_steps(self, total_steps: int) -> None:
         """Set the run length (optimizer steps) of every group, e.g. from the Trainer's
         ``max_steps`` once it is known."""
         _CHECKS["total_steps"]("total_steps", total_steps)
+        for group in self.param_groups:
+            _check_lengths(group, total_steps)
         self.defaults["total_steps"] = total_steps
         for group in self.param_groups:
             group["total_steps"] = total_steps
+
+    def _init_param_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        contiguous = torch.contiguous_format
+        state["exp_avg"] = torch.zeros_like(p, memory_format=contiguous)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=contiguous)
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=contiguous)
+        if group["lookahead"]:
+            state["slow_weights"] = p.detach().clone(memory_format=contiguous)
+        if group["swa"]:
+            state["swa_average"] = torch.zeros_like(p, memory_format=contiguous)
+            state["swa_samples"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the base's, and checkpoints of earlier AMaC versions (Python-number counters,
+        SWA averages created at the first SWA event) are brought to today's layout."""
+        state_dict = self._upgrade_checkpoint(state_dict)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            device = self._group_device(group)
+            for key in self.group_state_keys:
+                value = group.get(key)
+                if isinstance(value, Tensor):
+                    group[key] = value.to(device=device, dtype=torch.float32, copy=True)
+                elif key != "averaged_in_model":
+                    group[key] = torch.tensor(float(value or 0), device=device)
+        self._remember_all_steps()
+
+    def _check_state_keys(self, group: dict[str, Any], param: Tensor, saved: set[str]) -> None:
+        # fast_weights exist only while the averaged weights are in the model (eval mode)
+        super()._check_state_keys(group, param, saved - {"fast_weights"})
+
+    def _upgrade_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        saved_groups = state_dict.get("param_groups", [])
+        if not any(not isinstance(g.get("step", 0), Tensor) for g in saved_groups):
+            return state_dict
+        state = dict(state_dict["state"])
+        for saved, group in zip(saved_groups, self.param_groups, strict=False):
+            if not group["swa"]:
+                continue
+            for index, p in zip(saved["params"], group["params"], strict=False):
+                entries = state.get(index)
+                if not entries or "swa_samples" in entries:
+                    continue
+                entries = dict(entries)
+                if "swa_average" in entries:  # one sample per group event, as then counted
+                    entries["swa_samples"] = float(saved.get("swa_count", 0))
+                else:
+                    entries["swa_average"] = torch.zeros_like(p.detach())
+                    entries["swa_samples"] = 0.0
+                state[index] = entries
+        return {**state_dict, "state": state}
 
     # -- the step -------------------------------------------------------------------------
     def _step(self, loss: Any) -> None:
@@ -574,115 +902,294 @@ class AMaC(HFOptimizer):
                 "AMaC.step() was called in eval mode: the model holds the averaged weights. "
                 "Call optimizer.train() before the forward pass of a training step."
             )
+        work = []  # (group index, group, [(index in group, p)]) for groups with gradients
         for group_index, group in enumerate(self.param_groups):
-            self._step_group(group_index, group)
-
-    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        indices: list[int] = []
-        for index, p in enumerate(group["params"]):
-            if p.grad is None or p.numel() == 0:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AMaC does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            indices.append(index)
-        if not params:
+            chosen = []
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AMaC does not support sparse gradients")
+                if p not in self.state:
+                    self._init_param_state(group, p)
+                chosen.append((index, p))
+            if chosen:
+                work.append((group_index, group, chosen))
+                self._warn_about_schedules(group)
+        if not work:
             return
+        like = local(work[0][2][0][1])
+        process_group = reduction_group([p for g in self.param_groups for p in g["params"]])
+        skip = self.defaults["skip_nonfinite"]
 
-        group["step"] += 1
-        step = group["step"]
-        total_steps = group["total_steps"]
-        momentum = group["momentum"]
-        needs_total_steps = (
+        # Phase 1: per-channel gradient sums (for centralization) and, with skip_nonfinite, a
+        # count of non-finite gradient elements. The sums of channels split across ranks and
+        # the counts are finished together, in one collective; nothing else needs one.
+        row_means: dict[tuple[int, int], Tensor] = {}
+        split: list[tuple[tuple[int, int], int, int, int, torch.dtype]] = []
+        row_sums: list[Tensor] = []
+        nonfinite: list[Tensor] = []
+        for group_index, group, chosen in work:
+            for index, p in chosen:
+                grad = local(p.grad)
+                if grad.numel() == 0:
+                    continue
+                dtype = accumulation_dtype(grad.dtype)
+                if self._centralizes(group, p):
+                    rows, row_length, first_row, _, rows_split = _row_layout(p)
+                    sums = grad.reshape(grad.shape[0], -1).sum(dim=1, dtype=dtype)
+                    if rows_split:  # place the local rows' partial sums among the global rows
+                        whole = sums.new_zeros(rows)
+                        if counts(p, process_group):
+                            whole[first_row : first_row + sums.numel()] = sums
+                        entry = ((group_index, index), first_row, sums.numel(), row_length, dtype)
+                        split.append(entry)
+                        row_sums.append(whole.to(like.device, torch.float64))
+                    else:
+                        row_means[group_index, index] = (sums / row_length).unsqueeze(1)
+                    checked = sums  # a non-finite element makes its channel's sum non-finite
+                else:
+                    checked = grad
+                if skip:
+                    count = (~torch.isfinite(checked)).sum(dtype=torch.float64)
+                    nonfinite.append(count.reshape(1).to(like.device))
+        if skip and loss is not None:
+            count = (~torch.isfinite(self._loss_tensor(loss, like))).to(torch.float64)
+            nonfinite.append(count.reshape(1))
+        ok = torch.ones((), dtype=torch.float32, device=like.device)
+        if row_sums or nonfinite:
+            totals = finish_sums(torch.cat(row_sums + nonfinite), process_group)
+            start = 0
+            for (key, first_row, count, row_length, dtype), whole in zip(
+                split, row_sums, strict=True
+            ):
+                local_sums = totals[start + first_row : start + first_row + count]
+                row_means[key] = (local_sums / row_length).to(dtype).unsqueeze(1)
+                start += whole.numel()
+            if skip:
+                ok = (totals[start:].sum() == 0).to(torch.float32)
+
+        # Phase 2: the update, then Lookahead and SWA, tensor by tensor.
+        for group_index, group, chosen in work:
+            self._update_group(group_index, group, chosen, row_means, ok, skip)
+
+    def _centralizes(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Gradient centralization applies to tensors of 2+ dimensions whose output channels
+        have more than one element (centring a one-element channel would zero its gradient)."""
+        return group["centralize_gradients"] and p.dim() >= 2 and p[0].numel() > 1
+
+    def _warn_about_schedules(self, group: dict[str, Any]) -> None:
+        if group["total_steps"] is None and (
             (group["schedule"] and group["cosine"])
             or group["noise_factor"] > 0
             or (group["dynamic_weight_decay"] and group["weight_decay"] > 0)
-        )
-        if step == 1 and total_steps is None and needs_total_steps:
-            warnings.warn(
+        ):
+            self._warn_once(
+                "total_steps",
                 "AMaC has no total_steps: the learning rate stays at lr after warm-up and "
                 "noise and weight decay do not anneal. Pass total_steps=... or call "
                 "set_total_steps(n) (hf_optim.Trainer does).",
-                stacklevel=4,
+            )
+        initial = group.get("initial_lr")
+        lr = group["lr"]
+        if (
+            group["schedule"]
+            and initial is not None
+            and not isinstance(lr, Tensor)
+            and not isinstance(initial, Tensor)
+            and lr != initial
+        ):
+            self._warn_once(
+                "scheduler",
+                "AMaC runs its own warm-up and cosine schedule, and a learning-rate scheduler "
+                "is changing lr as well: the two multiply. Use a constant scheduler, or "
+                "AMaC(..., schedule=False) to let your scheduler alone drive the learning rate.",
             )
 
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states, strict=True):
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if momentum > 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["lookahead"] and "slow_weights" not in state:
-                state["slow_weights"] = p.detach().clone(memory_format=torch.preserve_format)
-
+    def _coefficients(
+        self, group: dict[str, Any], like: Tensor, ok: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """This step's coefficient vector (``_LR`` ... ``_SWA_EVENT``) in ``like``'s
+        accumulation dtype, computed on the device from the group's step count, and the
+        weight decay rate (for the statistics)."""
+        dtype = accumulation_dtype(like.dtype)
+        step = (group["step"].to(like.device) + 1).to(dtype)
+        factor, anneal = _schedule(step, group)
+        lr = self._scalar(group, "lr", like) * factor
+        decay_rate = self._scalar(group, "weight_decay", like)
+        if group["dynamic_weight_decay"]:
+            decay_rate = decay_rate * anneal
         beta1, beta2 = group["betas"]
-        annealing = anneal_factor(step, total_steps)
-        lr = group["lr"] * lr_factor(
-            step,
-            warmup_steps=group["warmup_steps"],
-            total_steps=total_steps,
-            cosine=group["cosine"],
-            min_lr_ratio=group["min_lr_ratio"],
-            schedule=group["schedule"],
-        )
-        weight_decay = group["weight_decay"] * (annealing if group["dynamic_weight_decay"] else 1.0)
-        noise_std = group["noise_factor"] * annealing
+        if group["bias_correction"]:
+            inv_bias1 = 1.0 / (1.0 - torch.pow(beta1, step))
+            inv_sqrt_bias2 = torch.rsqrt(1.0 - torch.pow(beta2, step))
+        else:
+            inv_bias1 = inv_sqrt_bias2 = torch.ones_like(step)
         k = group["lookahead_k"]
-        swa_start = group["swa_start"] if group["swa_start"] is not None else group["warmup_steps"]
+        sync = (torch.remainder(step, k) == 0).to(dtype) * ok.to(dtype)
+        swa_start = group["swa_start"]
+        swa_start = group["warmup_steps"] if swa_start is None else swa_start
+        swa_event = sync * (step >= swa_start).to(dtype) if group["swa"] else torch.zeros_like(sync)
+        clip = group["clip_value"]
+        values = [
+            lr,
+            step.new_full((), beta1),
+            step.new_full((), beta2),
+            self._scalar(group, "eps", like),
+            inv_bias1,
+            inv_sqrt_bias2,
+            1.0 - lr * decay_rate,
+            self._scalar(group, "momentum", like),
+            self._scalar(group, "noise_factor", like) * anneal,
+            step.new_full((), math.inf if clip is None else clip),
+            ok.to(dtype),
+            sync,
+            self._scalar(group, "lookahead_alpha", like),
+            swa_event,
+        ]
+        return torch.stack([v.to(dtype).reshape(()) for v in values]), decay_rate
 
-        swa_weights: list[float] | None = None
-        if group["swa"] and step >= swa_start and step % k == 0:
-            swa_weights = []
-            for p, state in zip(params, states, strict=True):
-                if "swa_average" in state:
-                    swa_weights.append(1.0 / (group["swa_count"] + 1))
-                else:  # first sample: lerp from zeros with weight 1 is an exact copy
-                    state["swa_average"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    swa_weights.append(1.0)
-            group["swa_count"] += 1
-
-        seed = group["seed"]
-        functional = _multi_tensor_amac if self._use_foreach(group) else _single_tensor_amac
-        functional(
-            params,
-            grads,
-            [state["exp_avg"] for state in states],
-            [state["exp_avg_sq"] for state in states],
-            [state["momentum_buffer"] for state in states] if momentum > 0 else None,
-            [state["slow_weights"] for state in states] if group["lookahead"] else None,
-            [state["swa_average"] for state in states] if swa_weights is not None else None,
-            noise_seeds=[noise_seed(seed, group_index, i, step) for i in indices],
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            bias_correction1=1.0 - beta1**step if group["bias_correction"] else 1.0,
-            bias_correction2=1.0 - beta2**step if group["bias_correction"] else 1.0,
-            momentum=momentum,
-            decay=1.0 - lr * weight_decay,
-            noise_std=noise_std,
-            clip_value=group["clip_value"],
-            centralize=group["centralize_gradients"],
-            lookahead_alpha=group["lookahead_alpha"] if step % k == 0 else None,
-            swa_weights=swa_weights,
+    def _update_group(
+        self,
+        group_index: int,
+        group: dict[str, Any],
+        chosen: list[tuple[int, Tensor]],
+        row_means: dict[tuple[int, int], Tensor],
+        ok: Tensor,
+        guarded: bool,
+    ) -> None:
+        like = local(chosen[0][1])
+        known_step = self._known_step(group)
+        if group["step"].device != like.device:
+            for key in ("step", "swa_count", "skipped_steps"):
+                group[key] = group[key].to(like.device)
+            if known_step is not None:
+                self._remember_step(group, known_step)
+        # Lookahead and SWA act every k steps. Whether this step is one is decided on the device
+        # (c[_SYNC]); when the step count is also known on the host, the steps in between skip
+        # reading and writing the slow weights and the average altogether.
+        averaging = (group["lookahead"] or group["swa"]) and (
+            known_step is None or (known_step + 1) % group["lookahead_k"] == 0
         )
+        noise = group["noise_factor"] > 0
+        live = [(index, p) for index, p in chosen if local(p).numel() > 0]
+        layouts = [
+            _row_layout(p) if noise or (group_index, index) in row_means else None
+            for index, p in live
+        ]
+        keys = None
+        if noise and live:
+            keys = _noise_keys(
+                group["seed"],
+                group_index,
+                [index for index, _ in live],
+                [(layout[3], layout[1]) for layout in layouts],
+                group["step"] + 1,
+                like.device,
+            )
+        coefficients: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        flat_items: list[tuple[Any, ...]] = []
+        row_items: list[tuple[Any, ...]] = []
+        copies_back: list[tuple[Tensor, Tensor]] = []
+        counted: list[tuple[Tensor, Tensor]] = []
+        compiled = self._compiled(like)
+        for row, ((index, p), layout) in enumerate(zip(live, layouts, strict=True)):
+            state = self.state[p]
+            param = local(p)
+            dtype = accumulation_dtype(param.dtype)
+            if dtype not in coefficients:
+                coefficients[dtype] = self._coefficients(group, param, ok)
+            c = coefficients[dtype][0]
+            scalars = _kernel_scalars(c, None if keys is None else keys[row])
+            # kernels write through views: a non-contiguous parameter is updated in a copy
+            target = param if param.is_contiguous() else param.contiguous()
+            if target is not param:
+                copies_back.append((param, target))
+            grad = local(p.grad)
+            velocity = state.get("momentum_buffer")
+            slow = average = samples = None
+            if averaging:  # else this step neither synchronises nor averages (known on the host)
+                slow, average = state.get("slow_weights"), state.get("swa_average")
+                samples = state.get("swa_samples")
+                if samples is not None:
+                    counted.append((samples, c[_SWA_EVENT]))
+            tensors = (state["exp_avg"], state["exp_avg_sq"], velocity, slow, average)
+            row_mean = row_means.get((group_index, index))
+            if row_mean is not None or (noise and layout[4]):
+                shape = (target.shape[0], -1)
+                views = [None if t is None else local(t).view(shape) for t in tensors]
+                row_items.append(
+                    (target.view(shape), grad.reshape(shape), row_mean, *views, samples)
+                    + scalars
+                    + (noise,)
+                )
+            else:
+                views = [None if t is None else local(t).view(-1) for t in tensors]
+                flat_items.append(
+                    (target.view(-1), grad.reshape(-1), *views, samples) + scalars + (noise,)
+                )
+        _update.map(flat_items, compiled=compiled)
+        _update_rows.map(row_items, compiled=compiled)
+        for param, target in copies_back:
+            param.copy_(target)
+        for samples, event in counted:
+            samples.add_(event.to(samples.dtype))
+        # the group's counters and statistics: 0-d tensors, updated in place
+        if not coefficients:
+            coefficients[torch.float32] = self._coefficients(group, like, ok)
+        c, decay_rate = next(iter(coefficients.values()))
+        group["step"].add_(ok)
+        if known_step is not None and not guarded:  # (with skip_nonfinite ok is not known)
+            self._remember_step(group, known_step + 1)
+        group["swa_count"].add_(c[_SWA_EVENT].to(torch.float32))
+        group["skipped_steps"].add_(1.0 - ok)
+        group["effective_lr"].copy_(c[_LR])
+        group["noise_std"].copy_(c[_NOISE_STD])
+        group["weight_decay_coefficient"].copy_(decay_rate)
 
-        group["effective_lr"] = lr
-        group["noise_std"] = noise_std
-        group["weight_decay_coefficient"] = weight_decay
+    # -- the step count as known on the host --------------------------------------------------
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
+        # id(group) -> (the group's step tensor, its version counter, its value): the value is
+        # trusted only while the tensor is the same object, unmodified since (a compiled step,
+        # a load or a user's edit changes the version); otherwise the device decides alone
+        self._known_steps: dict[int, tuple[Tensor, int, int]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._remember_all_steps()
+
+    def _remember_all_steps(self) -> None:
+        """Read every group's step count (outside step(): after a load or a copy)."""
+        for group in self.param_groups:
+            if isinstance(group.get("step"), Tensor):
+                self._remember_step(group, int(group["step"].item()))
+
+    def _remember_step(self, group: dict[str, Any], value: int) -> None:
+        step = group["step"]
+        self._known_steps[id(group)] = (step, step._version, value)
+
+    def _known_step(self, group: dict[str, Any]) -> int | None:
+        if torch.compiler.is_compiling():
+            return None
+        entry = self._known_steps.get(id(group))
+        if entry is None:
+            return None
+        tensor, version, value = entry
+        step = group["step"]
+        return value if tensor is step and step._version == version else None
 
     # -- averaged weights -------------------------------------------------------------------
     @staticmethod
-    def _averaged(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+    def _averaged(group: dict[str, Any], state: dict[str, Any], p: Tensor) -> Tensor | None:
+        """The weights eval() shows: the SWA average once it has a sample, else the Lookahead
+        slow weights (else the fast weights themselves); chosen on the device."""
+        fallback = state.get("slow_weights") if group["lookahead"] else None
         if group["swa"] and "swa_average" in state:
-            return state["swa_average"]
-        if group["lookahead"] and "slow_weights" in state:
-            return state["slow_weights"]
-        return None
+            has_sample = state["swa_samples"] > 0
+            other = p.detach() if fallback is None else fallback
+            return torch.where(has_sample.to(local(p).device), state["swa_average"], other)
+        return fallback
 
     @torch.no_grad()
     def eval(self) -> None:
@@ -698,9 +1205,9 @@ class AMaC(HFOptimizer):
                 continue
             for p in group["params"]:
                 state = self.state.get(p)
-                averaged = self._averaged(group, state) if state else None
+                averaged = self._averaged(group, state, p) if state else None
                 if averaged is not None:
-                    state["fast_weights"] = p.detach().clone(memory_format=torch.preserve_format)
+                    state["fast_weights"] = p.detach().clone(memory_format=torch.contiguous_format)
                     p.copy_(averaged)
 
     @torch.no_grad()
@@ -728,7 +1235,7 @@ class AMaC(HFOptimizer):
                 if not state:
                     continue
                 state.pop("fast_weights", None)
-                averaged = self._averaged(group, state)
+                averaged = self._averaged(group, state, p)
                 if averaged is not None:
                     p.copy_(averaged)
             group["averaged_in_model"] = False
@@ -736,154 +1243,3 @@ class AMaC(HFOptimizer):
     def swap_swa_weights(self) -> None:
         """Upstream's name of :meth:`write_averaged_weights`."""
         self.write_averaged_weights()
-
-
-# -- the update: readable reference loop --------------------------------------------------
-def _centralized(grad: Tensor) -> Tensor:
-    """The gradient minus its mean over every dimension but the first (a new tensor), or the
-    gradient itself for tensors with fewer than two dimensions."""
-    if grad.dim() < 2:
-        return grad
-    dims = tuple(range(1, grad.dim()))
-    mean = grad.mean(dim=dims, keepdim=True, dtype=accumulation_dtype(grad.dtype))
-    return grad - mean.to(grad.dtype)
-
-
-def _single_tensor_amac(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    momentum_buffers: list[Tensor] | None,
-    slow_weights: list[Tensor] | None,
-    swa_averages: list[Tensor] | None,
-    *,
-    noise_seeds: list[int],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    momentum: float,
-    decay: float,
-    noise_std: float,
-    clip_value: float | None,
-    centralize: bool,
-    lookahead_alpha: float | None,
-    swa_weights: list[float] | None,
-) -> None:
-    for i, param in enumerate(params):
-        grad = _centralized(grads[i]) if centralize else grads[i]
-        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
-        exp_avg.lerp_(grad, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-
-        denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
-        direction = (exp_avg / bias_correction1) / denom
-        if noise_std > 0:
-            scale_and_add_noise_([direction], [noise_seeds[i]], noise_std, 1.0)
-        if clip_value is not None:
-            direction = direction.clamp(-clip_value, clip_value)
-
-        if decay != 1.0:
-            param.mul_(decay)
-        if momentum_buffers is None:
-            param.sub_(direction, alpha=lr)
-        else:
-            velocity = momentum_buffers[i]
-            velocity.mul_(momentum).add_(direction, alpha=lr)
-            param.sub_(velocity)
-
-        if lookahead_alpha is not None and slow_weights is not None:
-            slow_weights[i].lerp_(param, lookahead_alpha)
-            param.copy_(slow_weights[i])
-        if swa_averages is not None and swa_weights is not None:
-            swa_averages[i].lerp_(param, swa_weights[i])
-
-
-# -- the update: multi-tensor path --------------------------------------------------------
-def _multi_tensor_amac(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    momentum_buffers: list[Tensor] | None,
-    slow_weights: list[Tensor] | None,
-    swa_averages: list[Tensor] | None,
-    *,
-    noise_seeds: list[int],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    momentum: float,
-    decay: float,
-    noise_std: float,
-    clip_value: float | None,
-    centralize: bool,
-    lookahead_alpha: float | None,
-    swa_weights: list[float] | None,
-) -> None:
-    # Centralized gradients are fresh buffers; they are reused for the denominators, and
-    # those for the steps (each saves allocating, and on CPU first touching, a full copy).
-    centred = [_centralized(grad) for grad in grads] if centralize else grads
-    torch._foreach_lerp_(exp_avgs, centred, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, centred, centred, 1.0 - beta2)
-    denoms = [
-        torch.sqrt(exp_avg_sq, out=buffer) if buffer is not grad else torch.sqrt(exp_avg_sq)
-        for exp_avg_sq, buffer, grad in zip(exp_avg_sqs, centred, grads, strict=True)
-    ]
-    del centred
-    # sqrt(v / bc2) + eps = (sqrt(v) + eps sqrt(bc2)) / sqrt(bc2): bc2 folds into the step size
-    correction2 = math.sqrt(bias_correction2)
-    torch._foreach_add_(denoms, eps * correction2)
-    step_size = lr * correction2 / bias_correction1
-    if decay != 1.0:
-        torch._foreach_mul_(params, decay)
-
-    if noise_std == 0 and clip_value is None:
-        # nothing acts on the step itself: update straight from the moments (AdamW's passes)
-        if momentum_buffers is None:
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, -step_size)
-        else:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_addcdiv_(momentum_buffers, exp_avgs, denoms, step_size)
-            torch._foreach_sub_(params, momentum_buffers)
-    else:
-        # Steps are built already scaled by lr / (1 - momentum), so that the velocity update
-        # u = momentum u + lr delta is a single lerp.
-        scale = lr / (1.0 - momentum)
-        steps = denoms  # fresh buffers: overwrite them with the steps
-        bound = math.inf if clip_value is None else clip_value * scale
-        if noise_std > 0:
-            scale_and_add_noise_(
-                steps, noise_seeds, noise_std * scale, step_size / (1 - momentum), exp_avgs, bound
-            )
-        else:
-            for exp_avg, buffer in zip(exp_avgs, steps, strict=True):
-                torch.div(exp_avg, buffer, out=buffer)
-            torch._foreach_mul_(steps, step_size / (1.0 - momentum))
-            if clip_value is not None:
-                for step in steps:
-                    step.clamp_(-bound, bound)
-        if momentum_buffers is None:
-            torch._foreach_sub_(params, steps)
-        else:
-            torch._foreach_lerp_(momentum_buffers, steps, 1.0 - momentum)
-            torch._foreach_sub_(params, momentum_buffers)
-        del steps
-    del denoms
-
-    if lookahead_alpha is not None and slow_weights is not None:
-        torch._foreach_lerp_(slow_weights, params, lookahead_alpha)
-        torch._foreach_copy_(params, slow_weights)
-    if swa_averages is not None and swa_weights is not None:
-        for weight in sorted(set(swa_weights)):
-            chosen = [i for i, w in enumerate(swa_weights) if w == weight]
-            torch._foreach_lerp_(
-                [swa_averages[i] for i in chosen], [params[i] for i in chosen], weight
-            )

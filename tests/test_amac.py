@@ -1,6 +1,9 @@
 """AMaC beyond the shared battery: the anchors (AdamW plus heavy-ball, Lookahead over it, the
-closed-form schedule), each fixed upstream bug, upstream's names, the noise contract, SWA and
-the train/eval swap."""
+closed-form schedule), each fixed upstream bug, upstream's names, the noise generator's
+statistics and its keying on global positions, SWA and the train/eval swap, old checkpoints.
+
+Most tests run the eager reference (``implementation="eager"``): the battery proves the compiled
+kernels equal it, and every other combination of switches would compile more kernels."""
 
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ import pytest
 import torch
 
 import hf_optim
-from hf_optim.amac import AMaC, anneal_factor, lr_factor
+from hf_optim import amac as amac_module
+from hf_optim.amac import AMaC as _AMaC
+from hf_optim.amac import anneal_factor, lr_factor
+
+
+def AMaC(*args, **kwargs) -> _AMaC:  # noqa: N802 - the class, on its reference path by default
+    kwargs.setdefault("implementation", "eager")
+    return _AMaC(*args, **kwargs)
+
 
 # every extra feature off: AdamW plus heavy-ball momentum on the Adam direction
 BASE = {
@@ -103,25 +114,31 @@ def reference_run(
 HYPER = {"lr": 3e-2, "betas": (0.85, 0.99), "eps": 1e-8, "weight_decay": 0.1, "momentum": 0.7}
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_features_off_is_adamw_plus_heavy_ball(foreach: bool) -> None:
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_features_off_is_adamw_plus_heavy_ball(implementation: str) -> None:
     params = make_params()
     expected = reference_run(params, 15, **HYPER)
     ours = clone(params)
-    optimizer = AMaC(ours, **BASE, **HYPER, foreach=foreach)
+    optimizer = AMaC(ours, **BASE, **HYPER, implementation=implementation)
     run(optimizer, ours, 15)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_without_momentum_it_is_torch_adamw(foreach: bool) -> None:
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_without_momentum_it_is_torch_adamw(implementation: str) -> None:
     params = make_params()
     theirs = clone(params)
     adamw = torch.optim.AdamW(theirs, lr=3e-2, betas=(0.85, 0.99), eps=1e-8, weight_decay=0.1)
     ours = clone(params)
     amac = AMaC(
-        ours, **BASE, lr=3e-2, betas=(0.85, 0.99), weight_decay=0.1, momentum=0.0, foreach=foreach
+        ours,
+        **BASE,
+        lr=3e-2,
+        betas=(0.85, 0.99),
+        weight_decay=0.1,
+        momentum=0.0,
+        implementation=implementation,
     )
     run(adamw, theirs, 12)
     run(amac, ours, 12)
@@ -129,8 +146,8 @@ def test_without_momentum_it_is_torch_adamw(foreach: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_lookahead_is_reference_lookahead_over_the_base(foreach: bool) -> None:
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_lookahead_is_reference_lookahead_over_the_base(implementation: str) -> None:
     params = make_params()
     expected = reference_run(params, 14, **HYPER, lookahead_k=3, lookahead_alpha=0.6)
     ours = clone(params)
@@ -140,7 +157,7 @@ def test_lookahead_is_reference_lookahead_over_the_base(foreach: bool) -> None:
         **HYPER,
         lookahead_k=3,
         lookahead_alpha=0.6,
-        foreach=foreach,
+        implementation=implementation,
     )
     run(optimizer, ours, 14)
     for got, want in zip(ours, expected, strict=True):
@@ -169,7 +186,7 @@ def test_schedule_is_the_closed_form_and_holds_its_floor(warmup: int) -> None:
     for step in range(1, 3 * total + 1):
         run(optimizer, params, 1, start=step - 1)
         group = optimizer.param_groups[0]
-        seen.append(group["effective_lr"])
+        seen.append(float(group["effective_lr"]))
         assert group["effective_lr"] == pytest.approx(closed_form(step, lr, warmup, total, floor))
         annealing = max(0.0, 1 - step / total)
         assert group["weight_decay_coefficient"] == pytest.approx(0.3 * annealing)
@@ -203,7 +220,7 @@ def test_lr_and_weight_decay_are_read_from_the_group_every_step() -> None:
 
 def test_set_total_steps_reaches_every_group() -> None:
     params = make_params()
-    optimizer = AMaC([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}])
+    optimizer = AMaC([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], warmup_steps=4)
     optimizer.set_total_steps(40)
     assert [g["total_steps"] for g in optimizer.param_groups] == [40, 40]
     with pytest.raises(ValueError, match="total_steps"):
@@ -262,10 +279,13 @@ def test_counters_are_per_group_and_warmup_zero_works() -> None:
 
 # -- upstream's names ---------------------------------------------------------------------
 def test_upstream_names_are_aliases() -> None:
-    upstream = AMaC(make_params(), 100, beta1=0.8, beta2=0.95, mu=0.5, wd=0.2, alpha=0.7, k=3)
+    upstream = AMaC(
+        make_params(), 100, warmup_steps=10, beta1=0.8, beta2=0.95, mu=0.5, wd=0.2, alpha=0.7, k=3
+    )
     readable = AMaC(
         make_params(),
         total_steps=100,
+        warmup_steps=10,
         betas=(0.8, 0.95),
         momentum=0.5,
         weight_decay=0.2,
@@ -313,14 +333,14 @@ def test_upstream_names_in_param_groups() -> None:
 
 
 def test_total_steps_is_the_second_positional_argument() -> None:
-    assert AMaC(make_params(), 123).param_groups[0]["total_steps"] == 123
+    assert AMaC(make_params(), 123, warmup_steps=10).param_groups[0]["total_steps"] == 123
     with pytest.raises(ValueError, match="total_steps.*lr=... by keyword"):
         AMaC(make_params(), 1e-3)
 
 
 def test_exported_through_the_registry() -> None:
-    assert hf_optim.AMaC is AMaC
-    assert hf_optim.get_optimizer_class("amac") is AMaC
+    assert hf_optim.AMaC is _AMaC
+    assert hf_optim.get_optimizer_class("amac") is _AMaC
 
 
 # -- noise ----------------------------------------------------------------------------------
@@ -385,15 +405,15 @@ def test_clipping_bounds_the_normalised_update() -> None:
 
 
 # -- SWA and the train/eval swap ----------------------------------------------------------
-@pytest.mark.parametrize("foreach", [False, True])
-def test_swa_is_a_uniform_average_of_every_group(foreach: bool) -> None:
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_swa_is_a_uniform_average_of_every_group(implementation: str) -> None:
     params = make_params()
     optimizer = AMaC(
         [{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}],
         **{**BASE, "swa": True},
         lookahead_k=3,
         swa_start=5,
-        foreach=foreach,
+        implementation=implementation,
     )
     samples: list[list[torch.Tensor]] = []
     for step in range(1, 17):
@@ -483,6 +503,7 @@ def test_statistics_report_the_live_schedule() -> None:
     assert statistics["swa_count/group_0"] == 3.0  # steps 3, 6, 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [
@@ -490,16 +511,18 @@ def test_statistics_report_the_live_schedule() -> None:
         {"noise_factor": 0.0, "clip_value": 0.2},
         {"noise_factor": 0.0, "clip_value": 0.2, "centralize_gradients": False},
         {"noise_factor": 0.3, "clip_value": 0.2, "momentum": 0.0, "lookahead": False},
+        {"noise_factor": 0.3, "swa": False, "skip_nonfinite": True},
     ],
-    ids=["noise-no-clip", "clip-no-noise", "clip-no-centralization", "no-momentum"],
+    ids=["noise-no-clip", "clip-no-noise", "clip-no-centralization", "no-momentum", "skip"],
 )
-def test_every_multi_tensor_branch_matches_the_reference(options: dict) -> None:
-    """The battery's cases cover noise with clipping and neither; these cover the rest."""
+def test_every_switch_combination_compiles_like_the_reference(options: dict) -> None:
+    """The battery's cases cover every feature on and every feature off; these cover the
+    combinations in between (each one compiles its own kernels, hence slow)."""
     runs = []
-    for foreach in (False, True):
+    for implementation in ("eager", "compiled"):
         params = make_params()
         kwargs = {"total_steps": 12, "lr": 1e-2, "warmup_steps": 2, "lookahead_k": 3}
-        optimizer = AMaC(params, **kwargs, **options, foreach=foreach)
+        optimizer = AMaC(params, **kwargs, **options, implementation=implementation)
         run(optimizer, params, 9)
         runs.append((params, optimizer))
     (ref_params, ref), (fast_params, fast) = runs
@@ -520,40 +543,198 @@ def test_train_in_train_mode_touches_nothing() -> None:
     assert [set(optimizer.state[p]) for p in params] == state_keys
 
 
-def test_blocked_noise_path_matches_the_reference_on_large_tensors() -> None:
-    """Tensors larger than one noise block take the cache-blocked fused path (noise, ratio and
-    clipping per block); it must give the reference path's noise and steps, contiguous or not."""
-    from hf_optim import amac as amac_module
+def test_one_element_channels_are_not_centralized() -> None:
+    """A Linear(1, n) weight (n, 1) has one element per output channel: centring it would zero
+    its gradient for good, so it is left alone (like 1-D tensors)."""
+    weight = torch.zeros(4, 1, dtype=torch.float64, requires_grad=True)
+    optimizer = AMaC([weight], **{**BASE, "centralize_gradients": True}, momentum=0.0)
+    weight.grad = torch.arange(1.0, 5.0, dtype=torch.float64).reshape(4, 1)
+    optimizer.step()
+    torch.testing.assert_close(optimizer.state[weight]["exp_avg"], 0.1 * weight.grad)
 
+
+# -- issue 9: lengths, schedulers, old checkpoints ----------------------------------------------
+def test_warmup_longer_than_the_run_is_refused() -> None:
+    with pytest.raises(ValueError, match="warmup_steps .*total_steps"):
+        AMaC(make_params(), 100, warmup_steps=200)
+    optimizer = AMaC(make_params(), warmup_steps=200)  # no total_steps yet: fine
+    with pytest.raises(ValueError, match="warmup_steps .*total_steps"):
+        optimizer.set_total_steps(150)
+    assert optimizer.param_groups[0]["total_steps"] is None
+    optimizer.set_total_steps(200)  # a warm-up as long as the run is allowed
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optimizer.add_param_group(
+            {"params": [torch.zeros(2, requires_grad=True)], "warmup_steps": 201}
+        )
+
+
+def test_own_schedule_under_a_changing_scheduler_warns_once() -> None:
+    params = make_params()
+    optimizer = AMaC(params, 50, warmup_steps=5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9**s)
+    with pytest.warns(UserWarning, match="multiply") as record:
+        for step in range(1, 5):
+            run(optimizer, params, 1, start=step - 1)
+            scheduler.step()
+    assert sum("multiply" in str(w.message) for w in record) == 1
+    # a constant scheduler (what the Trainer installs for AMaC) and schedule=False are silent
+    import warnings
+
+    for options in ({}, {"schedule": False}):
+        quiet = AMaC(make_params(), 50, warmup_steps=5, **options)
+        factor = (lambda s: 1.0) if not options else (lambda s: 0.9**s)
+        quiet_scheduler = torch.optim.lr_scheduler.LambdaLR(quiet, factor)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for step in range(1, 4):
+                run(quiet, quiet.param_groups[0]["params"], 1, start=step - 1)
+                quiet_scheduler.step()
+
+
+def test_checkpoint_of_the_previous_version_loads_and_continues() -> None:
+    """The previous AMaC kept the group step as a Python int, the statistics as floats, and
+    created a parameter's SWA average at its first SWA event (no per-parameter count)."""
+    params = make_params()
+    optimizer = AMaC(params, 30, warmup_steps=2, lookahead_k=3, swa_start=3)
+    run(optimizer, params, 7)  # SWA events at 3 and 6
+    saved = roundtrip(optimizer.state_dict())
+    old = {"state": {}, "param_groups": []}
+    for group in saved["param_groups"]:
+        group = dict(group)
+        group["step"] = int(group["step"])
+        group["swa_count"] = int(group["swa_count"])
+        for key in ("effective_lr", "noise_std", "weight_decay_coefficient"):
+            group[key] = float(group[key])
+        for key in ("skipped_steps", "implementation", "skip_nonfinite"):
+            group.pop(key)
+        group["foreach"] = None
+        old["param_groups"].append(group)
+    for index, state in saved["state"].items():
+        state = dict(state)
+        state.pop("swa_samples")
+        if index == 1:
+            state.pop("swa_average")  # as if it had joined after the last SWA event
+        old["state"][index] = state
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = AMaC(resumed_params, 30, warmup_steps=2, lookahead_k=3, swa_start=3)
+    resumed.load_state_dict(old)
+    group = resumed.param_groups[0]
+    assert torch.is_tensor(group["step"]) and float(group["step"]) == 7.0
+    assert float(resumed.state[resumed_params[0]]["swa_samples"]) == 2.0
+    assert float(resumed.state[resumed_params[1]]["swa_samples"]) == 0.0
+    run(resumed, resumed_params, 2, start=7)  # step 9 is an SWA event
+    run(optimizer, params, 2, start=7)
+    assert torch.equal(resumed_params[0], params[0])
+    # the parameter whose average was missing restarts its average at the next event
+    torch.testing.assert_close(resumed.state[resumed_params[1]]["swa_average"], resumed_params[1])
+
+
+# -- the noise generator ------------------------------------------------------------------------
+def draw(
+    seed=0, group_index=0, param_index=0, step=1, count=1 << 20, offset=0, dtype=torch.float64
+):
+    keys = amac_module._noise_keys(
+        seed, group_index, [param_index], [(offset, count)], torch.tensor(float(step)), "cpu"
+    )
+    positions = offset + torch.arange(count, dtype=torch.int32)
+    return amac_module._standard_normal(positions, keys[0], dtype)
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).mean() / (a.std() * b.std()))
+
+
+def test_noise_is_standard_normal() -> None:
+    z = draw()
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    kurtosis = float((z**4).mean() / z.var() ** 2)
+    assert abs(kurtosis - 3) < 0.05  # the fit gives 2.98; a bare sum of four uniforms 2.7
+    assert abs(float((z**3).mean())) < 5 * math.sqrt(15 / n)
+    # Kolmogorov-Smirnov distance to N(0, 1): sampling (1.63/sqrt(n) at 1 %) + the fit (2.7e-4)
+    ordered = z.sort().values
+    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    distance = float((torch.special.ndtr(ordered) - empirical).abs().max())
+    assert distance < 1.63 / math.sqrt(n) + 2.7e-4
+    assert float(z.abs().max()) > 3.5  # real tails, not a clipped distribution
+
+
+def test_noise_streams_are_uncorrelated() -> None:
+    n = 1 << 18
+    bound = 5 / math.sqrt(n)
+    base = draw(count=n)
+    assert abs(correlation(base[1:], base[:-1])) < bound  # neighbours
+    assert abs(correlation(base[::2], base[1::2])) < bound
+    for other in (
+        draw(count=n, step=2),
+        draw(count=n, step=1 + 1 << 20),
+        draw(count=n, param_index=1),
+        draw(count=n, group_index=1),
+        draw(count=n, seed=1),
+        draw(count=n, seed=1 << 40),
+    ):
+        assert abs(correlation(base, other)) < bound
+        assert not torch.equal(base, other)
+    # the same element over 200 steps: a white sequence
+    sequence = torch.stack([draw(count=64, step=step) for step in range(1, 201)])
+    for lag in (1, 2, 5):
+        assert abs(correlation(sequence[lag:], sequence[:-lag])) < 5 / math.sqrt(
+            sequence[lag:].numel()
+        )
+    # nor between one step and shifted positions of the next
+    first, second = draw(count=1 << 16, step=10), draw(count=(1 << 16) + 64, step=11)
+    for shift in (1, 2, 3, 64):
+        assert abs(correlation(first, second[shift : shift + (1 << 16)])) < 5 / 2**8
+
+
+def test_noise_hash_bits_are_balanced() -> None:
+    values = amac_module._mix32(torch.arange(1 << 18, dtype=torch.int32))
+    bits = torch.stack([(values >> b) & 1 for b in range(32)]).double().mean(dim=1)
+    assert float((bits - 0.5).abs().max()) < 5 * 0.5 / math.sqrt(1 << 18)
+    assert torch.unique(values).numel() == values.numel()  # a bijection on 32-bit words
+
+
+def test_noise_depends_on_the_global_position_only() -> None:
+    """A piece of a tensor (a shard) draws the values the whole tensor draws at the same
+    positions: rows starting at global row r (FSDP2's Shard(0)) and column blocks (Shard(1))."""
+    rows, row_length = 33, 7
+    whole = draw(count=rows * row_length, step=4).reshape(rows, row_length)
+    shard = draw(count=16 * row_length, step=4, offset=17 * row_length).reshape(16, row_length)
+    assert torch.equal(shard, whole[17:])
+    # a column block of rows: the rows kernel's positions offset + r * row_length + c
+    keys = amac_module._noise_keys(0, 0, [0], [(3, row_length)], torch.tensor(4.0), "cpu")
+    r = torch.arange(rows, dtype=torch.int32).unsqueeze(1)
+    c = torch.arange(4, dtype=torch.int32)
+    block = amac_module._standard_normal(3 + r * row_length + c, keys[0], torch.float64)
+    assert torch.equal(block, whole[:, 3:7])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_update_of_a_shard_equals_that_of_the_whole(implementation: str) -> None:
+    """The row kernel on a block of rows or columns, given the block's global position, makes
+    the update the whole tensor gets there (noise, centralization by global row means)."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(amac_module._NOISE_BLOCK * 2 + 21,), (300, 300)]
-    runs = []
-    for foreach in (False, True):
-        params = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            for shape in shapes
-        ]
-        params.append(
-            torch.randn(300, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).T
+    param = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    grad = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    optimizer = _AMaC([param.clone().requires_grad_()], 20, warmup_steps=0, noise_factor=0.5)
+    c, _ = optimizer._coefficients(optimizer.param_groups[0], param, torch.ones(()))
+    compiled = implementation == "compiled"
+
+    def update(rows, columns, whole_means):
+        p, g = param[rows, columns].clone(), grad[rows, columns].clone()
+        m, v, u = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+        offset = rows.start * 6 + columns.start
+        keys = amac_module._noise_keys(0, 0, [0], [(offset, 6)], torch.tensor(1.0), "cpu")
+        means = whole_means[rows]
+        scalars = amac_module._kernel_scalars(c, keys[0])
+        amac_module._update_rows(
+            p, g, means, m, v, u, None, None, None, *scalars, True, compiled=compiled
         )
-        params = [p.requires_grad_() for p in params]
-        optimizer = AMaC(
-            params,
-            total_steps=20,
-            lr=1e-2,
-            warmup_steps=2,
-            noise_factor=0.5,
-            clip_value=0.5,
-            lookahead_k=3,
-            swa_start=2,
-            foreach=foreach,
-        )
-        gen.manual_seed(3)
-        for _ in range(5):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            optimizer.step()
-        runs.append(params)
-    assert runs[1][0].numel() > amac_module._NOISE_BLOCK and not runs[1][2].is_contiguous()
-    for reference, fast in zip(*runs, strict=True):
-        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-11)
+        return p
+
+    means = grad.mean(dim=1, keepdim=True)
+    whole = update(slice(0, 9), slice(0, 6), means)
+    assert torch.equal(update(slice(5, 9), slice(0, 6), means), whole[5:9])
+    assert torch.equal(update(slice(0, 9), slice(2, 6), means), whole[:, 2:6])

@@ -35,7 +35,12 @@ INVALID = (
     ({"schedule": "yes"}, "schedule"),
     ({"centralize_gradients": 1}, "centralize_gradients"),
     ({"lookahead": None}, "lookahead"),
+    ({"total_steps": 10, "warmup_steps": 20, "schedule": True}, "warmup_steps"),
+    ({"noise_factor": float("inf")}, "noise_factor"),
+    ({"eps": float("nan")}, "eps"),
 )
+
+NOISE_MOVES = "AMaC's noise moves parameters whatever the gradient (documented)"
 
 # The battery runs 12 (foreach), 14 (resume, split at 6) and 12 (host sync) steps: warm-up
 # ends at 3, Lookahead synchronises at 3, 6, 9, 12, SWA averages at 6, 9, 12 and the cosine
@@ -91,6 +96,7 @@ CASES = [
         },
         train_kwargs=TRAIN,
         invalid=INVALID,
+        zero_grad_moves_reason=NOISE_MOVES,
     ),
     OptimizerCase(
         id="amac-features-off",
@@ -111,12 +117,13 @@ CASES = [
             "mu": 0.8,
             "wd": 0.02,
             "alpha": 0.7,
-            "k": 4,
+            "k": 3,
             "warmup_steps": 0,
             "swa_start": 0,
         },
         second_group={"wd": 0.0, "mu": 0.0, "k": 2},
         train_kwargs={"total_steps": 150, "lr": 1e-2, "mu": 0.9, "wd": 0.01, "warmup_steps": 0},
         invalid=INVALID,
+        zero_grad_moves_reason=NOISE_MOVES,
     ),
 ]
