@@ -195,7 +195,7 @@ class HFOptimizer(torch.optim.Optimizer):
         from ._kernels import compiler_available
 
         implementation = self.defaults["implementation"]
-        if implementation == "eager":
+        if implementation == "eager" or torch.compiler.is_compiling():
             return False
         if implementation == "compiled":
             return True
@@ -385,6 +385,7 @@ class HFOptimizer(torch.optim.Optimizer):
         unknown = set(group) - ours
         if not unknown:
             return
+        best, best_score = None, 0
         for info in OPTIMIZERS.values():
             try:
                 cls = info.load()
@@ -394,15 +395,18 @@ class HFOptimizer(torch.optim.Optimizer):
                 continue
             theirs = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
             theirs |= set(getattr(cls, "group_state_keys", None) or ())
-            foreign = sorted(unknown & theirs)
-            if foreign:
-                name = type(self).__name__
-                raise ValueError(
-                    f"cannot load this state_dict into {name}: its param groups carry "
-                    f"{', '.join(map(repr, foreign))}, options of {cls.__name__} that {name} "
-                    f"does not have; it looks like a state_dict of {cls.__name__}. Load a "
-                    f"state_dict saved by {name}."
-                )
+            score = len(unknown & theirs) - len(unknown - theirs)
+            if unknown & theirs and (best is None or score > best_score):
+                best, best_score = (cls, sorted(unknown & theirs)), score
+        if best is not None:
+            cls, foreign = best
+            name = type(self).__name__
+            raise ValueError(
+                f"cannot load this state_dict into {name}: its param groups carry "
+                f"{', '.join(map(repr, foreign))}, options of {cls.__name__} that {name} "
+                f"does not have; it looks like a state_dict of {cls.__name__}. Load a "
+                f"state_dict saved by {name}."
+            )
 
     def _check_state_keys(self, group: dict[str, Any], param: Tensor, saved: set[str]) -> None:
         """Compare a parameter's saved state entries with those a fresh state has."""

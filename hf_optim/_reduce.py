@@ -16,7 +16,7 @@ dimension). The sum then runs over the default process group, whatever the mesh.
 
 from __future__ import annotations
 
-import functools
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -41,19 +41,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.cache
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed support
-        return None
-    return DTensor
-
-
 def is_sharded(t: Any) -> bool:
     """Whether ``t`` is a DTensor (a tensor whose elements are spread over ranks)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(t, dtensor)
+    # Only a program that has imported torch.distributed.tensor can hold a DTensor, so the
+    # check never imports it (and stays a plain isinstance under torch.compile).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor) -> Tensor:

@@ -84,9 +84,13 @@ def train(case, optimizer, params, steps, start=0):
 
 def snapshot(optimizer) -> tuple[list, list]:
     """Per-parameter state and group entries (without params), in a comparable form."""
-    states = [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
+    # .get: indexing the state's defaultdict would create entries (and fool DCP's "is the state
+    # initialised" test)
+    states = [
+        dict(optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]
+    ]
     groups = [
-        {k: v for k, v in g.items() if k not in ("params", "foreach")}
+        {k: v for k, v in g.items() if k not in ("params", "implementation")}
         for g in optimizer.param_groups
     ]
     return states, groups
