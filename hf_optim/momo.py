@@ -191,8 +191,9 @@ def _global_state(groups: list[dict[str, Any]], like: Tensor) -> dict[str, Tenso
             "fstar": None,
         }
     if entries["fstar"] is None:
-        entries["fstar"] = torch.full((), float(groups[0]["lb"]), dtype=like.dtype,
-                                      device=like.device)
+        entries["fstar"] = torch.full(
+            (), float(groups[0]["lb"]), dtype=like.dtype, device=like.device
+        )
     entries["taus"] = [group.get("tau") for group in groups]
     return entries
 
@@ -306,27 +307,39 @@ def _store_global_state(
             group["fstar"] = fstar
 
 
-def _write_gammas(
-    optimizer: HFOptimizer, params: list[Tensor], gammas: Tensor, ok: Tensor
-) -> None:
+def _write_gammas(optimizer: HFOptimizer, params: list[Tensor], gammas: Tensor, ok: Tensor) -> None:
     for p, gamma in zip(params, gammas.unbind(0), strict=True):
         stored = optimizer.state[p]["grad_dot_w"]
         stored.copy_(torch.where(ok, gamma.to(stored.dtype), stored))
 
 
-def _first_finite_check(optimizer: HFOptimizer, loss: Any) -> None:
-    """Warn once when a Python-number loss lies below ``lb`` without ``use_fstar`` (the
-    Polyak step is then zero). A tensor loss is not read: that would wait for the device."""
+def _below_lb_message(optimizer: HFOptimizer, what: str, value: float, lb: float) -> str:
+    return (
+        f"{type(optimizer).__name__}: {what} {value!r} is below lb={lb!r}, so the Polyak step "
+        "size is 0 and the parameters do not move; give a lower bound of the loss with "
+        "lb=..., or use_fstar=True to estimate one"
+    )
+
+
+def _warn_if_loss_below_lb(optimizer: HFOptimizer, loss: Any) -> None:
+    """Warn once when a Python-number loss lies below ``lb`` of a group without
+    ``use_fstar``. A tensor loss is not read here (that would wait for the device):
+    :func:`_warn_if_average_below_lb` checks its average when the statistics are read."""
     if isinstance(loss, Tensor):
         return
     for group in optimizer.param_groups:
         if not group["use_fstar"] and float(loss) < group["lb"]:
-            optimizer._warn_once(
-                "loss-below-lb",
-                f"{type(optimizer).__name__}: the loss {float(loss)!r} is below lb="
-                f"{group['lb']!r}, so the Polyak step size is 0 and the parameters do not move;"
-                " give a lower bound of the loss with lb=..., or use_fstar=True",
-            )
+            message = _below_lb_message(optimizer, "the loss", float(loss), group["lb"])
+            optimizer._warn_once("loss-below-lb", message)
+            return
+
+
+def _warn_if_average_below_lb(optimizer: HFOptimizer, statistics: dict[str, float]) -> None:
+    for index, group in enumerate(optimizer.param_groups):
+        average = statistics.get(f"loss_avg/group_{index}")
+        if average is not None and not group["use_fstar"] and average < group["lb"]:
+            message = _below_lb_message(optimizer, "the loss average", average, group["lb"])
+            optimizer._warn_once("loss-below-lb", message)
             return
 
 
@@ -399,13 +412,18 @@ class Momo(HFOptimizer):
             (), dtype=accumulation_dtype(_real_dtype(p)), device=p.device
         )
 
+    def statistics(self) -> dict[str, float]:
+        statistics = super().statistics()
+        _warn_if_average_below_lb(self, statistics)
+        return statistics
+
     def _step(self, loss: Any) -> None:
         groups = self.param_groups
         active = _active_params(self, "Momo")
         params = [p for group_params in active for p in group_params]
         if not params:
             return  # no gradients anywhere: nothing to do, no state to advance
-        _first_finite_check(self, loss)
+        _warn_if_loss_below_lb(self, loss)
         first = _real(params[0])
         like = torch.empty((), dtype=_statistics_dtype(params), device=first.device)
         previous = _global_state(groups, like)
@@ -441,9 +459,7 @@ class Momo(HFOptimizer):
         sums = _finish_rows(rows, params, like.dtype)
         ok = _skip_decision(groups, loss, sums)
         gammas = _new_gammas(self, active, sums, weights)
-        totals = torch.stack(
-            [(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()]
-        )
+        totals = torch.stack([(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()])
 
         step = (previous["step"] + 1).to(like.dtype)
         rhos = [

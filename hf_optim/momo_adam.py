@@ -81,7 +81,6 @@ from .momo import (
     STATISTIC_KEYS,
     _active_params,
     _finish_rows,
-    _first_finite_check,
     _global_state,
     _new_gammas,
     _polyak_step_sizes,
@@ -90,6 +89,8 @@ from .momo import (
     _skip_decision,
     _statistics_dtype,
     _store_global_state,
+    _warn_if_average_below_lb,
+    _warn_if_loss_below_lb,
     _wide,
     _write_gammas,
 )
@@ -265,13 +266,18 @@ class MomoAdam(HFOptimizer):
             return tensor
         return cached[1]
 
+    def statistics(self) -> dict[str, float]:
+        statistics = super().statistics()
+        _warn_if_average_below_lb(self, statistics)
+        return statistics
+
     def _step(self, loss: Any) -> None:
         groups = self.param_groups
         active = _active_params(self, "MomoAdam")
         params = [p for group_params in active for p in group_params]
         if not params:
             return  # no gradients anywhere: nothing to do, no state to advance
-        _first_finite_check(self, loss)
+        _warn_if_loss_below_lb(self, loss)
         first = _real(params[0])
         like = torch.empty((), dtype=_statistics_dtype(params), device=first.device)
         previous = _global_state(groups, like)
@@ -305,9 +311,7 @@ class MomoAdam(HFOptimizer):
         sums = _finish_rows(rows, params, like.dtype)
         ok = _skip_decision(groups, loss, sums)
         gammas = _new_gammas(self, active, sums, weights)
-        totals = torch.stack(
-            [(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()]
-        )
+        totals = torch.stack([(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()])
 
         step = (previous["step"] + 1).to(like.dtype)
         rhos = [1.0 - beta1**step for beta1, _, _ in scalars]
