@@ -30,12 +30,13 @@ __all__ = [
 ]
 
 MISSING_LOSS_MESSAGE = (
-    "{name} needs the mini-batch loss at every step. In a raw Accelerate loop wrap the "
-    "optimizer with hf_optim.LossFeeder, which hands the loss over at accelerator.backward; "
-    "in a plain torch loop call optimizer.step(loss=loss), or optimizer.step(closure) with a "
-    "closure that returns the loss, or optimizer.set_loss(loss) before a framework calls "
-    "optimizer.step() (hf_optim.Trainer and the stock Trainer with optim=\"{registry_name}\" "
-    "do this for you)."
+    "{name} needs the mini-batch loss at every step. In a raw Accelerate loop use "
+    "feeder = hf_optim.LossFeeder(optimizer, accelerator) and call feeder.add(loss) after "
+    "accelerator.backward(loss) (Accelerate's optimizer wrapper forwards no loss= keyword). In a "
+    "plain torch loop call optimizer.step(loss=loss), or optimizer.step(closure) with a closure "
+    "that returns the loss (under data parallelism: the mean over ranks, as LossFeeder does), or "
+    "optimizer.set_loss(loss) before a framework calls optimizer.step(). Every transformers "
+    "Trainer (optim=\"{registry_name}\", TRL's trainers included) does this for you."
 )
 
 

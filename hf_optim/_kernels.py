@@ -6,8 +6,8 @@ Run eagerly it is the readable reference; with ``compiled=True`` the same functi
 fuses its elementwise work into one pass over memory.
 
 One compiled object exists per kernel per process, shared by every optimizer instance. Tensors
-are handed over as 1-D views (``flatten=True``), so a kernel compiles once per dtype and device
-rather than once per shape. Values that change during a run must arrive as 0-d tensors: a
+are handed over as views, 1-D ones with ``flatten=True``, so a kernel compiles once per dtype and
+device rather than once per shape (or per ``nn.Parameter``). Values that change during a run must arrive as 0-d tensors: a
 Python float is a constant to the compiler and each new value would recompile.
 
 Calls run eagerly instead when compiling cannot help or would recompile: a tensor with fewer
@@ -86,10 +86,9 @@ class Kernel:
         device_type = next(a.device.type for a in args if isinstance(a, Tensor))
         if device_type in self._failed_devices:
             return self.eager(*args, **kwargs)
-        if self.flatten:
-            args = tuple(
-                a.view(-1) if isinstance(a, Tensor) and a.dim() > 1 else a for a in args
-            )
+        args = tuple(
+            _alias(a, self.flatten) if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args
+        )
         try:
             return self._compiled_fn()(*args, **kwargs)
         except Exception as error:  # compilation failure: stay correct, say so once
@@ -104,6 +103,18 @@ class Kernel:
                 stacklevel=2,
             )
             return self.eager(*args, **kwargs)
+
+
+def _alias(tensor: Tensor, flatten: bool) -> Tensor:
+    """A plain tensor on ``tensor``'s memory (1-D with ``flatten``), which is not a view.
+
+    What dynamo would otherwise see costs recompiles: an ``nn.Parameter`` adds a type guard and
+    static shapes, and a view is guarded on its base's shape (one compile per base rank).
+    """
+    shape = (tensor.numel(),) if flatten else tensor.shape
+    stride = (1,) if flatten else tensor.stride()
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), shape, stride)
 
 
 def _is_compile_failure(error: Exception) -> bool:
