@@ -31,18 +31,20 @@ then :math:`\ell \leftarrow \max(h / (2c\rho_k), \ell_0)`; after it,
 
 How it runs. Each step has two per-tensor kernels around one reduction:
 
-1. :func:`_momo_moments` forms :math:`d_k` in registers and returns the tensor's
+1. :func:`_momo_moments` reads :math:`x`, :math:`g` and :math:`d`, forms the new :math:`d` in
+   registers and returns the tensor's
    :math:`[\langle x, g\rangle, \langle x, d\rangle, \lVert d\rVert^2]`;
-2. the rows of all tensors are stacked, finished by one :func:`~hf_optim._reduce.finish_sums`
-   call (one all-reduce under sharding), and :math:`\gamma`, :math:`\bar f` and the per-group
-   :math:`\tau` are computed on the device;
-3. :func:`_momo_update` writes :math:`x` (and :math:`d`).
+2. the rows of all tensors are stacked and finished by one
+   :func:`~hf_optim._reduce.finish_sums` call (one all-reduce under sharding); :math:`\gamma`,
+   :math:`\bar f` and the per-group :math:`\tau` are computed on the device;
+3. :func:`_momo_update` forms :math:`d` again and writes :math:`d` and :math:`x`.
 
-Without ``skip_nonfinite`` the first kernel also stores :math:`d_k` (28 bytes of memory traffic
-per float32 parameter per step, as much as fused AdamW); with it, the first kernel only reads
-and the second recomputes :math:`d_k`, so that a step found non-finite leaves everything as it
-was (32 bytes). ``implementation="compiled"`` (the default where a compiler works) runs both
-kernels through ``torch.compile``; ``"eager"`` runs the same functions as written.
+That is 32 bytes of memory traffic per float32 parameter per step in two passes (fused AdamW:
+28 in one). Storing :math:`d` in the first pass instead would make it 28, but measured slower
+on CPU (a reduction pass that also writes), and a first pass that only reads is what lets a
+non-finite step leave everything as it was. ``implementation="compiled"`` (the default where a
+compiler works) runs both kernels through ``torch.compile``; ``"eager"`` runs the same functions
+as written. Tensors under :data:`EAGER_BELOW` elements always run eagerly (see there).
 
 Deviations from momo-opt 0.1.0, and why:
 
@@ -114,31 +116,33 @@ def _wide(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _momo_average(grad, grad_avg, weight):
+    """:math:`d = \\mathrm{lerp}(d, g, w)`, formed in float32 (float64 for float64) and
+    rounded to the state's dtype once."""
+    wide = _wide(grad)
+    return torch.lerp(grad_avg.to(wide), grad.to(wide), weight.to(wide)).to(grad_avg.dtype)
+
+
 @kernel
-def _momo_moments(param, grad, grad_avg, weight, ok, write_average: bool):
-    """Phase 1 for one tensor: :math:`d = \\mathrm{lerp}(d, g, w)` and the tensor's
-    :math:`[\\langle x, g\\rangle, \\langle x, d\\rangle, \\lVert d\\rVert^2]`, accumulated in
-    float32 (float64 for float64). ``write_average`` stores :math:`d` (unless ``ok`` is false)."""
+def _momo_moments(param, grad, grad_avg, weight):
+    """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
+    \\langle x, d\\rangle, \\lVert d\\rVert^2]` with this step's :math:`d`, accumulated in
+    float32 (float64 for float64)."""
     wide = _wide(param)
-    average = torch.lerp(grad_avg.to(wide), grad.to(wide), weight.to(wide)).to(grad_avg.dtype)
-    if write_average:
-        grad_avg.copy_(torch.where(ok, average, grad_avg))
+    average = _momo_average(grad, grad_avg, weight)
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
     return torch.stack([(x * g).sum(), (x * d).sum(), (d * d).sum()])
 
 
 @kernel
-def _momo_update(param, grad, grad_avg, weight, tau, shrink, ok, average_written: bool):
-    """Phase 2 for one tensor: :math:`x \\leftarrow (x - \\tau d) / c`, and :math:`d` unless
-    phase 1 stored it. Nothing changes where ``ok`` is false."""
+def _momo_update(param, grad, grad_avg, weight, tau, shrink, ok):
+    """Phase 2 for one tensor: :math:`d` again (recomputing it costs no memory traffic that
+    storing it in phase 1 would save) and :math:`x \\leftarrow (x - \\tau d) / c`. Nothing
+    changes where ``ok`` is false."""
     wide = _wide(param)
-    if average_written:
-        average = grad_avg
-    else:
-        average = torch.lerp(grad_avg.to(wide), grad.to(wide), weight.to(wide))
-        average = average.to(grad_avg.dtype)
-        grad_avg.copy_(torch.where(ok, average, grad_avg))
+    average = _momo_average(grad, grad_avg, weight)
     new = (param.to(wide) - tau.to(wide) * average.to(wide)) / shrink.to(wide)
+    grad_avg.copy_(torch.where(ok, average, grad_avg))
     param.copy_(torch.where(ok, new.to(param.dtype), param))
 
 
@@ -151,6 +155,16 @@ def _real(t: Tensor) -> Tensor:
 
 def _real_dtype(p: Tensor) -> torch.dtype:
     return p.real.dtype if p.is_complex() else p.dtype
+
+
+#: tensors smaller than this run the eager kernel even when compiled kernels are on: a call
+#: of a compiled kernel costs a fixed ~50-150 us of Python (guards, wrappers) on CPU, more
+#: than the dozen eager ops such a tensor needs (GPT-2's 98 bias and norm vectors)
+EAGER_BELOW = 1 << 16
+
+
+def _compile_for(optimizer: HFOptimizer, tensor: Tensor) -> bool:
+    return tensor.numel() >= EAGER_BELOW and optimizer._compiled(tensor)
 
 
 def _active_params(optimizer: HFOptimizer, name: str) -> list[list[Tensor]]:
@@ -439,8 +453,6 @@ class Momo(HFOptimizer):
             weights.append(torch.where(started, 1.0 - beta, first_weight))
         loss_avg = torch.lerp(previous["loss_avg"], loss, weights[-1])
 
-        write_average = not any(group["skip_nonfinite"] for group in groups)
-        loss_ok = torch.isfinite(loss)
         rows = []
         for params_of_group, weight in zip(active, weights, strict=True):
             for p in params_of_group:
@@ -451,9 +463,7 @@ class Momo(HFOptimizer):
                         _real(p.grad),
                         _real(self.state[p]["grad_avg"]),
                         weight,
-                        loss_ok,
-                        write_average,
-                        compiled=self._compiled(real),
+                        compiled=_compile_for(self, real),
                     )
                 )
         sums = _finish_rows(rows, params, like.dtype)
@@ -484,8 +494,7 @@ class Momo(HFOptimizer):
                     tau,
                     shrink,
                     ok,
-                    write_average,
-                    compiled=self._compiled(real),
+                    compiled=_compile_for(self, real),
                 )
         _write_gammas(self, params, gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

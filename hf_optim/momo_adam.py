@@ -28,11 +28,10 @@ groups; :math:`\tau_k` is per group. ``use_fstar`` estimates :math:`\ell` online
 keeps the :math:`c` factors of the proximal form, as upstream does.
 
 How it runs: as :mod:`hf_optim.momo`, two per-tensor kernels around one reduction.
-:func:`_momo_adam_moments` forms :math:`d_k`, :math:`v_k` and :math:`D_k` in registers and
-returns :math:`[\langle x, g\rangle, \langle x, d\rangle, \sum d^2/D]`; after the reduction
-:func:`_momo_adam_update` writes :math:`x`. Without ``skip_nonfinite`` the first kernel also
-stores :math:`d` and :math:`v` (40 bytes per float32 parameter per step, against fused AdamW's
-28); with it, the first kernel only reads and the second recomputes the moments (44 bytes).
+:func:`_momo_adam_moments` reads :math:`x, g, d, v`, forms the new moments and :math:`D` in
+registers and returns :math:`[\langle x, g\rangle, \langle x, d\rangle, \sum d^2/D]`; after
+the reduction :func:`_momo_adam_update` forms them again and writes :math:`d`, :math:`v` and
+:math:`x`: 44 bytes per float32 parameter per step in two passes (fused AdamW: 28 in one).
 
 Deviations from momo-opt 0.1.0, and why:
 
@@ -80,6 +79,7 @@ from .momo import (
     GROUP_STATE_KEYS,
     STATISTIC_KEYS,
     _active_params,
+    _compile_for,
     _finish_rows,
     _global_state,
     _new_gammas,
@@ -112,18 +112,12 @@ def _adam_moments(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps):
 
 
 @kernel
-def _momo_adam_moments(
-    param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, ok, write_moments: bool
-):
-    """Phase 1 for one tensor: the new moments and the tensor's
-    :math:`[\\langle x, g\\rangle, \\langle x, d\\rangle, \\sum d^2/D]`; ``write_moments``
-    stores :math:`d` and :math:`v` (unless ``ok`` is false)."""
-    average, average_sq, denominator = _adam_moments(
+def _momo_adam_moments(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps):
+    """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
+    \\langle x, d\\rangle, \\sum d^2/D]` with this step's moments."""
+    average, _, denominator = _adam_moments(
         param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps
     )
-    if write_moments:
-        grad_avg.copy_(torch.where(ok, average, grad_avg))
-        grad_avg_sq.copy_(torch.where(ok, average_sq, grad_avg_sq))
     wide = _wide(param)
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
     return torch.stack([(x * g).sum(), (x * d).sum(), (d * d / denominator).sum()])
@@ -131,37 +125,19 @@ def _momo_adam_moments(
 
 @kernel
 def _momo_adam_update(
-    param,
-    grad,
-    grad_avg,
-    grad_avg_sq,
-    step,
-    beta1,
-    beta2,
-    eps,
-    tau,
-    keep,
-    shrink,
-    ok,
-    moments_written: bool,
+    param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, tau, keep, shrink, ok
 ):
-    """Phase 2 for one tensor: :math:`x \\leftarrow (\\kappa x - \\tau d/D) / c` (``keep``
-    :math:`\\kappa`, ``shrink`` :math:`c`), the moments unless phase 1 stored them, and the
-    tensor's step count. Nothing changes where ``ok`` is false."""
+    """Phase 2 for one tensor: the moments again, :math:`x \\leftarrow (\\kappa x - \\tau
+    d/D) / c` (``keep`` :math:`\\kappa`, ``shrink`` :math:`c`) and the tensor's step count.
+    Nothing changes where ``ok`` is false."""
     wide = _wide(param)
-    if moments_written:
-        # the stored moments are this step's: D from them at the step t about to be counted
-        average, average_sq = grad_avg, grad_avg_sq
-        bias2 = 1.0 - beta2.to(wide) ** (step.to(wide) + 1.0)
-        denominator = (average_sq.to(wide) / bias2).sqrt() + eps.to(wide)
-    else:
-        average, average_sq, denominator = _adam_moments(
-            param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps
-        )
-        grad_avg.copy_(torch.where(ok, average, grad_avg))
-        grad_avg_sq.copy_(torch.where(ok, average_sq, grad_avg_sq))
+    average, average_sq, denominator = _adam_moments(
+        param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps
+    )
     direction = average.to(wide) / denominator
     new = (keep.to(wide) * param.to(wide) - tau.to(wide) * direction) / shrink.to(wide)
+    grad_avg.copy_(torch.where(ok, average, grad_avg))
+    grad_avg_sq.copy_(torch.where(ok, average_sq, grad_avg_sq))
     param.copy_(torch.where(ok, new.to(param.dtype), param))
     step.copy_(torch.where(ok, step + 1.0, step))
 
@@ -287,8 +263,6 @@ class MomoAdam(HFOptimizer):
         weights = [1.0 - beta1 for beta1, _, _ in scalars]
         loss_avg = torch.lerp(previous["loss_avg"], loss, weights[-1])
 
-        write_moments = not any(group["skip_nonfinite"] for group in groups)
-        loss_ok = torch.isfinite(loss)
         rows = []
         for params_of_group, (beta1, beta2, eps) in zip(active, scalars, strict=True):
             for p in params_of_group:
@@ -303,9 +277,7 @@ class MomoAdam(HFOptimizer):
                         beta1,
                         beta2,
                         eps,
-                        loss_ok,
-                        write_moments,
-                        compiled=self._compiled(real),
+                        compiled=_compile_for(self, real),
                     )
                 )
         sums = _finish_rows(rows, params, like.dtype)
@@ -340,8 +312,7 @@ class MomoAdam(HFOptimizer):
                     keep,
                     shrink,
                     ok,
-                    write_moments,
-                    compiled=self._compiled(real),
+                    compiled=_compile_for(self, real),
                 )
         _write_gammas(self, params, gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

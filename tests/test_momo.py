@@ -195,25 +195,6 @@ def test_momo_adam_matches_momo_opt(config: str, second: str, implementation: st
         assert any(tau < 0.99 * cap for tau, cap in zip(taus[1:], caps[1:], strict=True))
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
-@pytest.mark.parametrize(
-    "cls,kwargs",
-    [(Momo, {"lr": 10.0, "weight_decay": 1e-2}), (MomoAdam, {"lr": 1.0, "weight_decay": 1e-2})],
-    ids=["momo", "momo_adam"],
-)
-def test_read_only_first_phase_gives_the_same_trajectory(cls, kwargs, implementation) -> None:
-    """With skip_nonfinite the first kernel only reads and the second recomputes the moments;
-    without it the first kernel stores them. Same mathematics, same trajectory."""
-    two_groups = {"lr": 3.0, "weight_decay": 0.0}
-    stored, _, taus = run(lambda p: cls(p, **kwargs, implementation=implementation), two_groups)
-    recomputed, _, _ = run(
-        lambda p: cls(p, **kwargs, implementation=implementation, skip_nonfinite=True),
-        two_groups,
-    )
-    assert_same_params(stored, recomputed, rtol=1e-13, atol=1e-15)
-    assert any(tau < 0.99 * kwargs["lr"] for tau in taus[1:])
-
-
 # -- anchors: with a tiny cap the Polyak term never binds ----------------------------------
 def test_momo_with_tiny_lr_is_sgd_with_dampened_momentum() -> None:
     lr, beta = 1e-4, 0.9
