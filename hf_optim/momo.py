@@ -193,7 +193,11 @@ def _global_state(groups: list[dict[str, Any]], like: Tensor) -> dict[str, Tenso
     run that has not started: step 0, loss average 0, lower bound ``lb`` of the first group."""
     for group in groups:
         if "step" in group:
-            entries = {key: group[key] for key in ("step", "loss_avg", "skipped_steps")}
+            entries = {key: group[key] for key in ("step", "loss_avg")}
+            # checkpoints of earlier versions have no skip count
+            entries["skipped_steps"] = group.get("skipped_steps")
+            if entries["skipped_steps"] is None:
+                entries["skipped_steps"] = torch.zeros_like(group["step"], dtype=torch.float32)
             entries["fstar"] = group.get("fstar")
             break
     else:

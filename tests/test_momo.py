@@ -459,3 +459,31 @@ def test_loss_below_lb_warns_once(cls) -> None:
         warnings.simplefilter("error")
         fine.step(loss=-0.5)
         fine.statistics()
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(Momo, {"lr": 10.0, "use_fstar": True}), (MomoAdam, {"lr": 1.0})],
+    ids=["momo", "momo_adam"],
+)
+def test_checkpoint_of_the_previous_version_continues(cls, kwargs) -> None:
+    """The previous version saved ``foreach`` and no ``skipped_steps``, ``implementation`` or
+    ``skip_nonfinite`` in its groups: such a checkpoint loads and continues exactly."""
+    whole = make_model()
+    uninterrupted = cls(whole.parameters(), **kwargs)
+    train_steps(whole, uninterrupted, 0, 8)
+
+    first = make_model()
+    optimizer = cls(first.parameters(), **kwargs)
+    train_steps(first, optimizer, 0, 4)
+    saved = roundtrip(optimizer.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("skipped_steps", "implementation", "skip_nonfinite"):
+            del group[key]
+        group["foreach"] = None
+    resumed = cls(first.parameters(), **kwargs)
+    resumed.load_state_dict(saved)
+    train_steps(first, resumed, 4, 4)
+    for p, q in zip(first.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert resumed.statistics()["skipped_steps/group_0"] == 0.0
