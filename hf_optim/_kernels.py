@@ -1,36 +1,63 @@
 """Per-tensor kernels: each algorithm's math written once, run eagerly or compiled.
 
 A kernel is a plain function of tensors (and of a few Python values fixed for the whole run).
-Run eagerly it is the readable reference; with ``compiled=True`` the same function goes through
+Run eagerly it is the readable reference; compiled, the same function goes through
 ``torch.compile(dynamic=True, fullgraph=True)`` (inductor: C++ on CPU, Triton on CUDA), which
 fuses its elementwise work into one pass over memory.
 
-One compiled object exists per kernel per process, shared by every optimizer instance. Tensors
-are handed over as views, 1-D ones with ``flatten=True``, so a kernel compiles once per dtype and
-device rather than once per shape (or per ``nn.Parameter``). Values that change during a run must arrive as 0-d tensors: a
-Python float is a constant to the compiler and each new value would recompile.
+Two ways to call one:
 
-Calls run eagerly instead when compiling cannot help or would recompile: a tensor with fewer
-than two elements (the compiler specialises sizes 0 and 1), a non-contiguous tensor, or a call
-made while an outer ``torch.compile`` is already tracing (it inlines the eager function into
-its own graph). If compiling fails on a device (no C++ compiler, an unsupported op) the kernel
-warns once and stays eager there.
+* ``k(*args, compiled=...)``: one tensor's worth of arguments.
+* ``k.map(items, compiled=...)``: a list of argument tuples, one per tensor, with the same
+  Python values. Compiled, the items run ``CHUNK`` at a time in one compiled call (the last
+  chunk padded with small scratch tensors), because a compiled call costs far more
+  Python overhead than a fused kernel spends on a small tensor: one call per tensor would
+  cost more than the whole step of torch's fused AdamW on a model with many small tensors.
+
+Compiled objects are cached per kernel, device type, dtype and Python values, each with its
+own dynamo cache (dynamo's recompile limit counts per code object), and shared by every
+optimizer instance. Tensors reach the compiled code as base-less aliases of their memory,
+1-D ones with ``flatten=True``: an ``nn.Parameter`` would add a type guard and static shapes,
+and a view is guarded on its base's shape, both of which recompile. So a kernel compiles once
+per dtype, device and configuration, never per shape. Values that change during a run must
+arrive as 0-d tensors: a Python float is a constant to the compiler.
+
+Rules for kernel authors: never write into a 0-d tensor argument (inductor in torch 2.13
+drops writes to 0-d float64 CPU inputs: return the new value instead), and never pass the
+same tensor twice in one call (a duplicate-input guard recompiles).
+
+Calls run eagerly instead when compiling cannot help: a tensor with fewer than two elements
+(the compiler specialises sizes 0 and 1), a non-contiguous tensor, or a call made while an
+outer ``torch.compile`` is already tracing (it inlines the eager function into its own graph).
+If compiling fails on a device (no C++ compiler, an unsupported op) the kernel warns once and
+stays eager there.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
+import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 
-__all__ = ["Kernel", "kernel", "compiler_available", "COMPILE_FAILURES"]
+__all__ = ["Kernel", "kernel", "compiler_available", "COMPILE_FAILURES", "CHUNK"]
 
 #: (kernel name, device type, error) for every compile that failed and fell back to eager
 COMPILE_FAILURES: list[tuple[str, str, str]] = []
+
+#: tensors per compiled call in :meth:`Kernel.map`
+CHUNK = 8
+
+# inductor's C++ float32 sums over more elements than this use a cascade summation
+# (torch/_inductor/codegen/cpp.py), decided by a guard on the size
+_CPP_CASCADE_SUM_CHUNK = 4096
 
 
 @functools.cache
@@ -53,68 +80,200 @@ def compiler_available(device_type: str) -> bool:
     return False
 
 
+def key_device(key: tuple[Any, ...]) -> str:
+    return next(kind[2] for kind in key if kind[0] == "T")
+
+
+def _key_width(key: tuple[Any, ...]) -> int:
+    return sum(kind[0] in ("T", "V") for kind in key)
+
+
+def _alias(tensor: Tensor, flatten: bool) -> Tensor:
+    """A plain tensor on ``tensor``'s memory (1-D with ``flatten``) that is not a view."""
+    if tensor.dim() == 0:
+        shape, stride = (), ()
+    elif flatten:
+        shape, stride = (tensor.numel(),), (1,)
+    else:
+        shape, stride = tensor.shape, tensor.stride()
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), shape, stride)
+
+
+def _needs_alias(arg: Any) -> bool:
+    return isinstance(arg, Tensor) and (arg.dim() >= 1 or arg._base is not None)
+
+
+def _compilable(args: Sequence[Any]) -> bool:
+    for arg in args:
+        if isinstance(arg, Tensor) and arg.dim() > 0:
+            if arg.numel() < 2 or not arg.is_contiguous():
+                return False
+    return True
+
+
+def _static_key(args: Sequence[Any]) -> tuple[Any, ...]:
+    """What a compiled object is specialised on: where the tensors are, the Python values, and
+    on CPU whether the tensors are longer than the chunk from which inductor's C++ float32 sums
+    switch to a cascade summation (it guards on that size, so small and large tensors are
+    chunked apart rather than recompiling for every mix)."""
+    key = tuple(
+        ("T", a.dtype, a.device.type, a.dim() == 0) if isinstance(a, Tensor) else ("V", a)
+        for a in args
+    )
+    first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+    if first is not None and first.device.type == "cpu":
+        key += (("large", first.numel() > _CPP_CASCADE_SUM_CHUNK),)
+    return key
+
+
+_copies = itertools.count()
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The same function with a code object of its own, so a dynamo cache of its own (dynamo
+    keys its caches and its recompile limit on code objects)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_copies)}")
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    return copy
+
+
 class Kernel:
-    """A per-tensor function with an eager reference and a compiled twin."""
+    """A per-tensor function with an eager reference and compiled twins."""
 
     def __init__(self, fn: Callable[..., Any], *, flatten: bool = True) -> None:
         functools.update_wrapper(self, fn)
         self.eager = fn
         self.flatten = flatten
-        self._compiled: Callable[..., Any] | None = None
+        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._failed_devices: set[str] = set()
+        self._scratch: dict[tuple[Any, ...], Tensor] = {}
+        self._signature = inspect.signature(fn)
 
     def __repr__(self) -> str:
         return f"Kernel({self.eager.__qualname__})"
 
-    def _compiled_fn(self) -> Callable[..., Any]:
-        if self._compiled is None:
-            self._compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
-        return self._compiled
+    # -- compiled objects ----------------------------------------------------------------
+    def _compiled_for(self, key: tuple[Any, ...], count: int) -> Callable[..., Any]:
+        compiled = self._compiled.get((key, count))
+        if compiled is None:
+            fn = _fresh_copy(self.eager)
+            if count == 1:
+                target = fn
+            else:
+                width = _key_width(key)
 
-    def _can_compile(self, args: tuple[Any, ...]) -> bool:
-        if torch.compiler.is_compiling():
-            return False
-        for arg in args:
-            if isinstance(arg, Tensor) and arg.dim() > 0:
-                if arg.numel() < 2 or not arg.is_contiguous():
-                    return False
-        return True
+                def chunk(*flat: Any) -> tuple[Any, ...]:
+                    return tuple(
+                        fn(*flat[index * width : (index + 1) * width]) for index in range(count)
+                    )
 
-    def __call__(self, *args: Any, compiled: bool = False, **kwargs: Any) -> Any:
-        if not compiled or not self._can_compile(args):
-            return self.eager(*args, **kwargs)
-        device_type = next(a.device.type for a in args if isinstance(a, Tensor))
-        if device_type in self._failed_devices:
-            return self.eager(*args, **kwargs)
-        args = tuple(
-            _alias(a, self.flatten) if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args
+                target = _fresh_copy(chunk)
+
+            # CPU: no split reductions, whose size-dependent choice would guard each tensor's
+            # size against a threshold (a compile per combination of small and large tensors)
+            options = {"split_reductions": False} if key_device(key) == "cpu" else {}
+            compiled = torch.compile(target, dynamic=True, fullgraph=True, options=options)
+            self._compiled[(key, count)] = compiled
+        return compiled
+
+    def _fail(self, device_type: str, error: Exception) -> None:
+        self._failed_devices.add(device_type)
+        COMPILE_FAILURES.append((self.eager.__qualname__, device_type, repr(error)))
+        warnings.warn(
+            f"hf_optim: compiling {self.eager.__qualname__} for {device_type} failed "
+            f"({type(error).__name__}: {error}); running it eagerly from now on",
+            RuntimeWarning,
+            stacklevel=3,
         )
+
+    def _run_compiled(self, key, count, flat_args, device_type) -> Any:
         try:
-            return self._compiled_fn()(*args, **kwargs)
+            # No duck sizing: tensors of a chunk that happen to have equal sizes must not be
+            # guarded equal (the next step's chunk may pair other sizes).
+            with _fx_config.patch(use_duck_shape=False):
+                return self._compiled_for(key, count)(*flat_args)
         except Exception as error:  # compilation failure: stay correct, say so once
             if not _is_compile_failure(error):
                 raise
-            self._failed_devices.add(device_type)
-            COMPILE_FAILURES.append((self.eager.__qualname__, device_type, repr(error)))
-            warnings.warn(
-                f"hf_optim: compiling {self.eager.__qualname__} for {device_type} failed "
-                f"({type(error).__name__}: {error}); running it eagerly from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return self.eager(*args, **kwargs)
+            self._fail(device_type, error)
+            return None
 
+    def _aliases(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(_alias(a, self.flatten) if _needs_alias(a) else a for a in args)
 
-def _alias(tensor: Tensor, flatten: bool) -> Tensor:
-    """A plain tensor on ``tensor``'s memory (1-D with ``flatten``), which is not a view.
+    # -- calls ---------------------------------------------------------------------------
+    def __call__(self, *args: Any, compiled: bool = False, **kwargs: Any) -> Any:
+        if kwargs:  # the compiled objects are keyed on positions
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
+        if not compiled or torch.compiler.is_compiling() or not _compilable(args):
+            return self.eager(*args)
+        device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+        if device_type in self._failed_devices:
+            return self.eager(*args)
+        result = self._run_compiled(_static_key(args), 1, self._aliases(args), device_type)
+        if device_type in self._failed_devices:
+            return self.eager(*args)
+        return result
 
-    What dynamo would otherwise see costs recompiles: an ``nn.Parameter`` adds a type guard and
-    static shapes, and a view is guarded on its base's shape (one compile per base rank).
-    """
-    shape = (tensor.numel(),) if flatten else tensor.shape
-    stride = (1,) if flatten else tensor.stride()
-    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), shape, stride)
+    def map(self, items: Sequence[Sequence[Any]], *, compiled: bool = False) -> list[Any]:
+        """``[kernel(*item) for item in items]``, compiled ``CHUNK`` items per call."""
+        if not compiled or torch.compiler.is_compiling():
+            return [self.eager(*item) for item in items]
+        results: list[Any] = [None] * len(items)
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            if _compilable(item):
+                batches.setdefault(_static_key(item), []).append(index)
+            else:
+                results[index] = self.eager(*item)
+        for key, indices in batches.items():
+            device_type = key_device(key)
+            for start in range(0, len(indices), CHUNK):
+                chunk = indices[start : start + CHUNK]
+                if device_type in self._failed_devices:
+                    for index in chunk:
+                        results[index] = self.eager(*items[index])
+                    continue
+                padded = [self._aliases(items[index]) for index in chunk]
+                padded += [
+                    self._padding(items[chunk[0]], key, slot)
+                    for slot in range(len(chunk), CHUNK)
+                ]
+                flat = [arg for item in padded for arg in item]
+                outputs = self._run_compiled(key, CHUNK, flat, device_type)
+                if outputs is None:  # compiling failed just now
+                    for index in chunk:
+                        results[index] = self.eager(*items[index])
+                    continue
+                for index, output in zip(chunk, outputs, strict=False):
+                    results[index] = output
+        return results
+
+    def _padding(self, item: Sequence[Any], key: tuple[Any, ...], slot: int) -> tuple[Any, ...]:
+        """Arguments for an unused slot of a chunk: small scratch tensors (of the chunk's size
+        class) in place of per-element tensors, one per slot and position so that no two
+        inputs alias, and the 0-d tensors and Python values of a real item."""
+        padded = []
+        for position, arg in enumerate(item):
+            if isinstance(arg, Tensor) and arg.dim() >= 1:
+                length = _CPP_CASCADE_SUM_CHUNK + 1 if ("large", True) in key else 2
+                shape = (length,) if self.flatten else (length,) + (1,) * (arg.dim() - 1)
+                scratch_key = (key, slot, position)
+                scratch = self._scratch.get(scratch_key)
+                if scratch is None:
+                    scratch = torch.zeros(shape, dtype=arg.dtype, device=arg.device)
+                    self._scratch[scratch_key] = scratch
+                padded.append(scratch)
+            elif isinstance(arg, Tensor):
+                padded.append(_alias(arg, self.flatten))
+            else:
+                padded.append(arg)
+        return tuple(padded)
 
 
 def _is_compile_failure(error: Exception) -> bool:
