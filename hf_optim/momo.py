@@ -44,7 +44,9 @@ That is 32 bytes of memory traffic per float32 parameter per step in two passes 
 on CPU (a reduction pass that also writes), and a first pass that only reads is what lets a
 non-finite step leave everything as it was. ``implementation="compiled"`` (the default where a
 compiler works) runs both kernels through ``torch.compile``; ``"eager"`` runs the same functions
-as written. Tensors under :data:`EAGER_BELOW` elements always run eagerly (see there).
+as written. Compiled, each phase runs 8 tensors per compiled
+call (:meth:`hf_optim._kernels.Kernel.map`): one call costs more Python than a small tensor's
+arithmetic.
 
 Deviations from momo-opt 0.1.0, and why:
 
@@ -155,16 +157,6 @@ def _real(t: Tensor) -> Tensor:
 
 def _real_dtype(p: Tensor) -> torch.dtype:
     return p.real.dtype if p.is_complex() else p.dtype
-
-
-#: tensors smaller than this run the eager kernel even when compiled kernels are on: a call
-#: of a compiled kernel costs a fixed ~50-150 us of Python (guards, wrappers) on CPU, more
-#: than the dozen eager ops such a tensor needs (GPT-2's 98 bias and norm vectors)
-EAGER_BELOW = 1 << 16
-
-
-def _compile_for(optimizer: HFOptimizer, tensor: Tensor) -> bool:
-    return tensor.numel() >= EAGER_BELOW and optimizer._compiled(tensor)
 
 
 def _active_params(optimizer: HFOptimizer, name: str) -> list[list[Tensor]]:
@@ -457,19 +449,15 @@ class Momo(HFOptimizer):
             weights.append(torch.where(started, 1.0 - beta, first_weight))
         loss_avg = torch.lerp(previous["loss_avg"], loss, weights[-1])
 
-        rows = []
-        for params_of_group, weight in zip(active, weights, strict=True):
-            for p in params_of_group:
-                real = _real(p)
-                rows.append(
-                    _momo_moments(
-                        real,
-                        _real(p.grad),
-                        _real(self.state[p]["grad_avg"]),
-                        weight,
-                        compiled=_compile_for(self, real),
-                    )
-                )
+        compiled = self._compiled(first)
+        rows = _momo_moments.map(
+            [
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight)
+                for params_of_group, weight in zip(active, weights, strict=True)
+                for p in params_of_group
+            ],
+            compiled=compiled,
+        )
         sums = _finish_rows(rows, params, like.dtype)
         ok = _skip_decision(groups, loss, sums)
         gammas = _new_gammas(self, active, sums, weights)
@@ -484,21 +472,15 @@ class Momo(HFOptimizer):
             self, groups, rhos, loss_avg, totals, previous["fstar"]
         )
 
+        updates = []
         for params_of_group, weight, tau, (lr, weight_decay) in zip(
             active, weights, taus, rates, strict=True
         ):
             shrink = 1.0 + lr * weight_decay
-            for p in params_of_group:
-                real = _real(p)
-                _momo_update(
-                    real,
-                    _real(p.grad),
-                    _real(self.state[p]["grad_avg"]),
-                    weight,
-                    tau,
-                    shrink,
-                    ok,
-                    compiled=_compile_for(self, real),
-                )
+            updates += [
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, tau, shrink, ok)
+                for p in params_of_group
+            ]
+        _momo_update.map(updates, compiled=compiled)
         _write_gammas(self, params, gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

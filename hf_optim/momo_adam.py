@@ -79,7 +79,6 @@ from .momo import (
     GROUP_STATE_KEYS,
     STATISTIC_KEYS,
     _active_params,
-    _compile_for,
     _finish_rows,
     _global_state,
     _new_gammas,
@@ -128,7 +127,7 @@ def _momo_adam_update(
     param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, tau, keep, shrink, ok
 ):
     """Phase 2 for one tensor: the moments again, :math:`x \\leftarrow (\\kappa x - \\tau
-    d/D) / c` (``keep`` :math:`\\kappa`, ``shrink`` :math:`c`) and the tensor's step count.
+    d/D) / c` (``keep`` :math:`\\kappa`, ``shrink`` :math:`c`); the caller counts the step.
     Nothing changes where ``ok`` is false."""
     wide = _wide(param)
     average, average_sq, denominator = _adam_moments(
@@ -139,7 +138,6 @@ def _momo_adam_update(
     grad_avg.copy_(torch.where(ok, average, grad_avg))
     grad_avg_sq.copy_(torch.where(ok, average_sq, grad_avg_sq))
     param.copy_(torch.where(ok, new.to(param.dtype), param))
-    step.copy_(torch.where(ok, step + 1.0, step))
 
 
 class MomoAdam(HFOptimizer):
@@ -247,6 +245,10 @@ class MomoAdam(HFOptimizer):
         _warn_if_average_below_lb(self, statistics)
         return statistics
 
+    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        state = self.state[p]
+        return _real(state["grad_avg"]), _real(state["grad_avg_sq"])
+
     def _step(self, loss: Any) -> None:
         groups = self.param_groups
         active = _active_params(self, "MomoAdam")
@@ -263,23 +265,15 @@ class MomoAdam(HFOptimizer):
         weights = [1.0 - beta1 for beta1, _, _ in scalars]
         loss_avg = torch.lerp(previous["loss_avg"], loss, weights[-1])
 
-        rows = []
-        for params_of_group, (beta1, beta2, eps) in zip(active, scalars, strict=True):
-            for p in params_of_group:
-                real, state = _real(p), self.state[p]
-                rows.append(
-                    _momo_adam_moments(
-                        real,
-                        _real(p.grad),
-                        _real(state["grad_avg"]),
-                        _real(state["grad_avg_sq"]),
-                        state["step"],
-                        beta1,
-                        beta2,
-                        eps,
-                        compiled=_compile_for(self, real),
-                    )
-                )
+        compiled = self._compiled(first)
+        rows = _momo_adam_moments.map(
+            [
+                (_real(p), _real(p.grad), *self._moments(p), self.state[p]["step"], *scalars_of)
+                for params_of_group, scalars_of in zip(active, scalars, strict=True)
+                for p in params_of_group
+            ],
+            compiled=compiled,
+        )
         sums = _finish_rows(rows, params, like.dtype)
         ok = _skip_decision(groups, loss, sums)
         gammas = _new_gammas(self, active, sums, weights)
@@ -292,27 +286,19 @@ class MomoAdam(HFOptimizer):
         )
 
         one = torch.ones((), dtype=like.dtype, device=like.device)
-        for group, params_of_group, (beta1, beta2, eps), tau, (lr, weight_decay) in zip(
+        updates = []
+        for group, params_of_group, scalars_of, tau, (lr, weight_decay) in zip(
             groups, active, scalars, taus, rates, strict=True
         ):
             decay = lr * weight_decay
             keep, shrink = (one, 1.0 + decay) if group["divide"] else (1.0 - decay, one)
-            for p in params_of_group:
-                real, state = _real(p), self.state[p]
-                _momo_adam_update(
-                    real,
-                    _real(p.grad),
-                    _real(state["grad_avg"]),
-                    _real(state["grad_avg_sq"]),
-                    state["step"],
-                    beta1,
-                    beta2,
-                    eps,
-                    tau,
-                    keep,
-                    shrink,
-                    ok,
-                    compiled=_compile_for(self, real),
-                )
+            updates += [
+                (_real(p), _real(p.grad), *self._moments(p), self.state[p]["step"], *scalars_of)
+                + (tau, keep, shrink, ok)
+                for p in params_of_group
+            ]
+        _momo_adam_update.map(updates, compiled=compiled)
+        # per-parameter counters outside the kernel (kernels never write 0-d inputs)
+        torch._foreach_add_([self.state[p]["step"] for p in params], ok.to(torch.float32))
         _write_gammas(self, params, gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)
