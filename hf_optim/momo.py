@@ -2,8 +2,8 @@ r"""Momo: SGD with momentum and a Polyak-type adaptive step size built from the 
 
 Paper: Fabian Schaipp, Ruben Ohana, Michael Eickenberg, Aaron Defazio, Robert M. Gower,
 "MoMo: Momentum Models for Adaptive Learning Rates", ICML 2024, arXiv:2305.07583.
-Original code: ``momo-opt`` 0.1.0 (github.com/fabian-sp/MoMo), whose trajectories this module
-reproduces to float tolerance.
+Original code: ``momo-opt`` 0.1.0, whose trajectories this module reproduces to float
+tolerance.
 
 The update (step :math:`k`, momentum :math:`\beta`, cap :math:`\alpha` = ``lr``, weight decay
 :math:`\lambda`, lower bound :math:`\ell` = ``lb``, loss :math:`f_k`, gradient :math:`g_k`):
@@ -29,12 +29,32 @@ then :math:`\ell \leftarrow \max(h / (2c\rho_k), \ell_0)`; after it,
 :math:`\ell \leftarrow \max\big((\bar f_k + \langle d_k, x_k\rangle - \gamma_k
 - \tfrac12\tau_k\lVert d_k\rVert^2)/\rho_k, \ell_0\big)`.
 
+How it runs. Each step has two per-tensor kernels around one reduction:
+
+1. :func:`_momo_moments` reads :math:`x`, :math:`g` and :math:`d`, forms the new :math:`d` in
+   registers and returns the tensor's
+   :math:`[\langle x, g\rangle, \langle x, d\rangle, \lVert d\rVert^2]`;
+2. the rows of all tensors are stacked and finished by one
+   :func:`~hf_optim._reduce.finish_sums` call (one all-reduce under sharding); :math:`\gamma`,
+   :math:`\bar f` and the per-group :math:`\tau` are computed on the device;
+3. :func:`_momo_update` forms :math:`d` again and writes :math:`d` and :math:`x`.
+
+That is 32 bytes of memory traffic per float32 parameter per step in two passes (fused AdamW:
+28 in one). Storing :math:`d` in the first pass instead would make it 28, but measured slower
+on CPU (a reduction pass that also writes), and a first pass that only reads is what lets a
+non-finite step leave everything as it was. ``implementation="compiled"`` (the default where a
+compiler works) runs both kernels through ``torch.compile``; ``"eager"`` runs the same functions
+as written. Compiled, each phase runs 8 tensors per compiled
+call (:meth:`hf_optim._kernels.Kernel.map`): one call costs more Python than a small tensor's
+arithmetic.
+
 Deviations from momo-opt 0.1.0, and why:
 
-* The step count, the loss average :math:`\bar f` and the lower-bound estimate live in the
-  param-group dicts (``step``, ``loss_avg``, ``fstar``; the same values in every group,
-  because they are global to the model) and so in ``state_dict()``. Upstream keeps them as
-  attributes and a resumed run starts over at step 1, overwriting the loaded averages.
+* The step count, the loss average :math:`\bar f`, the lower-bound estimate, the last step
+  sizes and the count of skipped steps live in the param-group dicts (``step``, ``loss_avg``,
+  ``fstar``, ``tau``, ``skipped_steps``; the same values in every group, because they are
+  global to the model) and so in ``state_dict()``. Upstream keeps them as attributes and a
+  resumed run starts over at step 1, overwriting the loaded averages.
 * ``beta``, ``lb``, ``bias_correction`` and ``use_fstar`` are param-group entries (upstream:
   optimizer attributes), so they are saved and can be read by schedulers and loggers. With
   equal values in every group (the only case upstream defines) the mathematics is upstream's.
@@ -42,24 +62,36 @@ Deviations from momo-opt 0.1.0, and why:
   uses the last group's ``beta`` and ``bias_correction`` (upstream MomoAdam's convention);
   the estimate ``fstar`` starts at the first group's ``lb`` and runs through the groups in
   order as upstream's attribute does; a group without ``use_fstar`` uses its own ``lb``.
-* Parameters without a gradient (and empty ones) are skipped; upstream crashes on them.
-  A parameter that first gets a gradient later starts its averages as upstream would at
-  step 1.
-* Inner products and norms are summed in float32 (float64 for float64 parameters) whatever
-  the parameter dtype, and each parameter's :math:`\langle d, x\rangle - \gamma` is formed
-  before the sum over parameters, so the Polyak numerator (a small difference of large sums)
-  keeps its precision; :math:`\gamma` is stored in that dtype too. Upstream sums in the
-  parameter dtype, which gives meaningless step sizes for bfloat16 parameters.
+* ``beta`` must be below 1 (upstream allows 1, which never moves the averages off their first
+  value and so repeats the first step forever).
+* The state of every parameter exists before its first gradient (torch.distributed.checkpoint
+  creates it that way), so "start at the first value" is the weight 1 instead of
+  :math:`1-\beta` in the first step of the run. Parameters without a gradient are skipped
+  (upstream crashes on them); one whose first gradient comes later starts its averages from
+  zero, like an average with bias correction.
+* Each parameter's :math:`\langle g, x\rangle` is summed over the whole tensor before it enters
+  :math:`\gamma` (under sharding: over all ranks), so :math:`\gamma` is the same on every rank
+  and a sharded checkpoint holds the single-process value. Inner products and norms are
+  summed in float32 (float64 for float64 parameters) whatever the parameter dtype, and each
+  parameter's :math:`\langle d, x\rangle - \gamma` is formed before the sum over parameters,
+  so the Polyak numerator (a small difference of large sums) keeps its precision. Upstream
+  sums in the parameter dtype, which gives meaningless step sizes for bfloat16 parameters.
 * The step size is computed on the device with ``torch.where``/``clamp``: no ``.item()``, no
   Python comparison of tensors, so ``step()`` never waits for the device and compiles
   without graph breaks. Upstream synchronises 1 to 5 times per group per step.
 * A zero norm :math:`\lVert d_k\rVert = 0` gives :math:`\tau_k = 0` (upstream: 0/0, then
   ``min`` returns the cap). The parameters move identically (:math:`d_k = 0`); only the
   logged step size differs. A NaN numerator gives the cap :math:`\alpha/\rho_k`, as upstream.
-* All partial sums of a step are finished by one call of
-  :func:`hf_optim._reduce.finish_sums`, the hook for sharded training.
+* A non-finite loss skips the step whatever ``skip_nonfinite`` says: parameters, averages,
+  :math:`\bar f`, counters and ``tau`` stay as they were and ``skipped_steps`` counts it.
+  Upstream lets the NaN into :math:`\bar f` for good, after which every step is the cap,
+  i.e. plain SGD with momentum at ``lr`` (a batch whose labels are all ignored gives such a
+  loss with finite, zero gradients). With ``skip_nonfinite=True`` a step whose gradients
+  are not all finite is skipped the same way (decided on the device from the step's sums,
+  which are non-finite exactly when a gradient is, or when they overflow). The step is
+  global, so one group asking for it skips the whole step.
+* Complex parameters are optimised as their ``torch.view_as_real`` views (torch's convention).
 * The loss may also come from a closure or :meth:`set_loss`, and may be a Python float.
-* ``step_size_list`` and ``fstar`` are not stored under non-parameter keys of ``self.state``.
 """
 
 from __future__ import annotations
@@ -70,98 +102,172 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import HFOptimizer, check_range
-from ._reduce import accumulation_dtype, finish_sums
+from ._base import HFOptimizer, check_flag, check_range
+from ._kernels import kernel
+from ._reduce import accumulation_dtype, counts, finish_sums, local, reduction_group
 
 __all__ = ["Momo"]
 
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _flat(tensor: Tensor) -> Tensor:
-    return tensor.reshape(-1)
+#: param-group entries that are Momo/MomoAdam state (equal in every group but ``tau``)
+GROUP_STATE_KEYS = ("step", "loss_avg", "fstar", "tau", "skipped_steps")
+STATISTIC_KEYS = ("tau", "loss_avg", "fstar", "skipped_steps")
 
 
-def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """:math:`\\langle x, y\\rangle` of two flat tensors as a 0-d tensor accumulated in ``dtype``
-    (float32 or wider).
-
-    One pass, no temporary for float32/float64. bfloat16/float16 inputs are widened first
-    (their products are exact in float32); summing them in their own dtype would make the
-    Polyak numerator meaningless.
-    """
-    if x.dtype != dtype:
-        x, y = x.to(dtype), y.to(dtype)
-    return torch.dot(x, y)
+# -- the per-tensor kernels --------------------------------------------------------------------
+def _wide(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _group_sums(dots: list[Tensor], grad_dot_ws: list[Tensor], norms: Tensor | list[Tensor]):
-    """[sum(<d,x> - gamma), sum(gamma), sum(norm)] from per-parameter terms, as vector ops."""
-    gamma = torch.stack(grad_dot_ws)
-    norms = norms if isinstance(norms, Tensor) else torch.stack(norms)
-    return torch.stack([(torch.stack(dots) - gamma).sum(), gamma.sum(), norms.sum()])
+def _momo_average(grad, grad_avg, weight):
+    """:math:`d = \\mathrm{lerp}(d, g, w)`, formed in float32 (float64 for float64) and
+    rounded to the state's dtype once."""
+    wide = _wide(grad)
+    return torch.lerp(grad_avg.to(wide), grad.to(wide), weight.to(wide)).to(grad_avg.dtype)
 
 
-def _global_statistics(
-    groups: list[dict[str, Any]],
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(step, loss_avg, fstar) of the previous step, from the first group that holds them."""
+@kernel
+def _momo_moments(param, grad, grad_avg, weight):
+    """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
+    \\langle x, d\\rangle, \\lVert d\\rVert^2]` with this step's :math:`d`, accumulated in
+    float32 (float64 for float64)."""
+    wide = _wide(param)
+    average = _momo_average(grad, grad_avg, weight)
+    x, g, d = param.to(wide), grad.to(wide), average.to(wide)
+    return torch.stack([(x * g).sum(), (x * d).sum(), (d * d).sum()])
+
+
+@kernel
+def _momo_update(param, grad, grad_avg, weight, tau, shrink, ok):
+    """Phase 2 for one tensor: :math:`d` again (recomputing it costs no memory traffic that
+    storing it in phase 1 would save) and :math:`x \\leftarrow (x - \\tau d) / c`. Nothing
+    changes where ``ok`` is false."""
+    wide = _wide(param)
+    average = _momo_average(grad, grad_avg, weight)
+    new = (param.to(wide) - tau.to(wide) * average.to(wide)) / shrink.to(wide)
+    grad_avg.copy_(torch.where(ok, average, grad_avg))
+    param.copy_(torch.where(ok, new.to(param.dtype), param))
+
+
+# -- what Momo and MomoAdam share: gathering, the global statistics, the Polyak step ------------
+def _real(t: Tensor) -> Tensor:
+    """The local piece of ``t``, complex tensors as their real view."""
+    t = local(t)
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_dtype(p: Tensor) -> torch.dtype:
+    return p.real.dtype if p.is_complex() else p.dtype
+
+
+def _active_params(optimizer: HFOptimizer, name: str) -> list[list[Tensor]]:
+    """Per group, the parameters with a gradient, each with its state created."""
+    active = []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if not optimizer.state.get(p):
+                optimizer._init_param_state(group, p)
+            params.append(p)
+        active.append(params)
+    return active
+
+
+def _statistics_dtype(params: Iterable[Tensor]) -> torch.dtype:
+    return torch.float64 if any(_real_dtype(p) == torch.float64 for p in params) else torch.float32
+
+
+def _global_state(groups: list[dict[str, Any]], like: Tensor) -> dict[str, Tensor]:
+    """The previous step's global entries (from the first group that has them), or those of a
+    run that has not started: step 0, loss average 0, lower bound ``lb`` of the first group."""
     for group in groups:
         if "step" in group:
-            return group["step"], group["loss_avg"], group.get("fstar")
-    return None, None, None
-
-
-def _begin_step(
-    optimizer: HFOptimizer, groups: list[dict[str, Any]], first: Tensor, loss: Any
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """The global quantities Momo and MomoAdam share at the start of a step:
-    (this step's count, the loss as a tensor, the previous loss average or None, fstar)."""
-    previous_step, loss_avg, fstar = _global_statistics(groups)
-    if previous_step is None:
-        dtype, device = _statistics_dtype(groups), first.device
-        previous_step = torch.zeros((), dtype=torch.float32, device=device)
+            entries = {key: group[key] for key in ("step", "loss_avg")}
+            # checkpoints of earlier versions have no skip count
+            entries["skipped_steps"] = group.get("skipped_steps")
+            if entries["skipped_steps"] is None:
+                entries["skipped_steps"] = torch.zeros_like(group["step"], dtype=torch.float32)
+            entries["fstar"] = group.get("fstar")
+            break
     else:
-        dtype, device = loss_avg.dtype, loss_avg.device
-    if fstar is None:
-        fstar = torch.tensor(float(groups[0]["lb"]), dtype=dtype, device=device)
-    loss = optimizer._loss_tensor(loss, fstar).to(dtype)
-    return previous_step + 1, loss, loss_avg, fstar
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        entries = {
+            "step": torch.zeros((), dtype=torch.float32, device=like.device),
+            "loss_avg": zero,
+            "skipped_steps": torch.zeros((), dtype=torch.float32, device=like.device),
+            "fstar": None,
+        }
+    if entries["fstar"] is None:
+        entries["fstar"] = torch.full(
+            (), float(groups[0]["lb"]), dtype=like.dtype, device=like.device
+        )
+    entries["taus"] = [group.get("tau") for group in groups]
+    return entries
 
 
-def _statistics_dtype(groups: list[dict[str, Any]]) -> torch.dtype:
-    wide = any(p.dtype == torch.float64 for group in groups for p in group["params"])
-    return torch.float64 if wide else torch.float32
+def _finish_rows(rows: list[Tensor], params: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The per-tensor rows as one (tensors, 3) tensor summed over ranks: one collective.
+    Rows of replicas another rank counts are zeros here."""
+    process_group = reduction_group(params)
+    rows = [
+        row.to(dtype) if counts(p, process_group) else torch.zeros_like(row, dtype=dtype)
+        for row, p in zip(rows, params, strict=True)
+    ]
+    device = rows[0].device
+    return finish_sums(torch.stack([row.to(device) for row in rows]), process_group)
+
+
+def _new_gammas(
+    optimizer: HFOptimizer,
+    active: list[list[Tensor]],
+    sums: Tensor,
+    weights: Sequence[Tensor],
+) -> Tensor:
+    """Each parameter's :math:`\\gamma \\leftarrow \\mathrm{lerp}(\\gamma, \\langle x, g\\rangle,
+    w)` from the finished rows, with its group's weight ``w``, as one vector."""
+    dtype = sums.dtype
+    pieces, start = [], 0
+    for params, weight in zip(active, weights, strict=True):
+        if not params:
+            continue
+        old = torch.stack([optimizer.state[p]["grad_dot_w"].to(dtype) for p in params])
+        end = start + len(params)
+        pieces.append(torch.lerp(old, sums[start:end, 0], weight.to(dtype)))
+        start = end
+    return torch.cat(pieces)
 
 
 def _polyak_step_sizes(
+    optimizer: HFOptimizer,
     groups: list[dict[str, Any]],
     rhos: Sequence[Tensor | float],
     loss_avg: Tensor,
-    sums: Tensor,
+    totals: Tensor,
     fstar: Tensor,
-) -> tuple[list[Tensor], Tensor]:
-    """Per-group step sizes :math:`\\tau` and the updated lower-bound estimate.
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor]:
+    """Per-group step sizes :math:`\\tau`, per-group (lr, weight_decay) tensors, and the
+    updated lower-bound estimate.
 
-    ``sums`` holds the global :math:`[\\sum(\\langle d, x\\rangle - \\gamma), \\sum\\gamma,
+    ``totals`` holds the global :math:`[\\sum(\\langle d, x\\rangle - \\gamma), \\sum\\gamma,
     \\lVert d\\rVert^2]`. Groups are visited in order, as upstream's attribute ``lb`` is, so
     the estimate updated by one group feeds the next. Everything stays on the device.
     """
-    dot_minus_gamma, gamma, norm = sums[0], sums[1], sums[2]
-    taus = []
+    dot_minus_gamma, gamma, norm = totals[0], totals[1], totals[2]
+    taus, rates = [], []
     for group, rho in zip(groups, rhos, strict=True):
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        shrink = 1.0 + lr * weight_decay
+        lr = optimizer._scalar(group, "lr", loss_avg)
+        weight_decay = optimizer._scalar(group, "weight_decay", loss_avg)
+        decay = lr * weight_decay
+        shrink = 1.0 + decay
         # c*f + <d,x> - c*gamma, written so that the large <d,x> - gamma cancels first
-        model_gap = shrink * loss_avg + dot_minus_gamma - (lr * weight_decay) * gamma
+        model_gap = shrink * loss_avg + dot_minus_gamma - decay * gamma
         if group["use_fstar"]:
             reset = model_gap < shrink * rho * fstar
-            fstar = torch.where(
-                reset, (model_gap / (2.0 * shrink * rho)).clamp(min=group["lb"]), fstar
-            )
+            estimate = (model_gap / (2.0 * shrink * rho)).clamp(min=group["lb"])
+            fstar = torch.where(reset, estimate, fstar)
             lower_bound = fstar
         else:
             lower_bound = group["lb"]
@@ -174,24 +280,77 @@ def _polyak_step_sizes(
             fit = (loss_avg + dot_minus_gamma - 0.5 * tau * norm) / rho
             fstar = fit.clamp(min=group["lb"])
         taus.append(tau)
-    return taus, fstar
+        rates.append((lr, weight_decay))
+    return taus, rates, fstar
 
 
-def _store_global_statistics(
+def _skip_decision(groups: list[dict[str, Any]], loss: Tensor, rows: Tensor) -> Tensor:
+    """Whether this step runs (0-d bool): the loss is finite and, where a group asks for
+    ``skip_nonfinite``, so is every sum of the step (non-finite exactly when a gradient is)."""
+    ok = torch.isfinite(loss)
+    if any(group["skip_nonfinite"] for group in groups):
+        ok = ok & torch.isfinite(rows).all()
+    return ok
+
+
+def _store_global_state(
     groups: list[dict[str, Any]],
-    step: Tensor,
+    previous: dict[str, Tensor],
+    ok: Tensor,
     loss_avg: Tensor,
     fstar: Tensor,
     taus: list[Tensor],
 ) -> None:
-    # New tensors every step (never in-place), so a loaded state_dict is never written into.
+    """New tensors every step (never in place), so a loaded state_dict is never written into;
+    a skipped step keeps every previous value and counts itself."""
+    step = torch.where(ok, previous["step"] + 1, previous["step"])
+    loss_avg = torch.where(ok, loss_avg, previous["loss_avg"])
+    fstar = torch.where(ok, fstar, previous["fstar"])
+    skipped = torch.where(ok, previous["skipped_steps"], previous["skipped_steps"] + 1)
     keep_fstar = any(group["use_fstar"] for group in groups)
-    for group, tau in zip(groups, taus, strict=True):
+    for group, tau, old_tau in zip(groups, taus, previous["taus"], strict=True):
         group["step"] = step
         group["loss_avg"] = loss_avg
-        group["tau"] = tau
+        group["tau"] = tau if old_tau is None else torch.where(ok, tau, old_tau.to(tau.dtype))
+        group["skipped_steps"] = skipped
         if keep_fstar:
             group["fstar"] = fstar
+
+
+def _write_gammas(optimizer: HFOptimizer, params: list[Tensor], gammas: Tensor, ok: Tensor) -> None:
+    for p, gamma in zip(params, gammas.unbind(0), strict=True):
+        stored = optimizer.state[p]["grad_dot_w"]
+        stored.copy_(torch.where(ok, gamma.to(stored.dtype), stored))
+
+
+def _below_lb_message(optimizer: HFOptimizer, what: str, value: float, lb: float) -> str:
+    return (
+        f"{type(optimizer).__name__}: {what} {value!r} is below lb={lb!r}, so the Polyak step "
+        "size is 0 and the parameters do not move; give a lower bound of the loss with "
+        "lb=..., or use_fstar=True to estimate one"
+    )
+
+
+def _warn_if_loss_below_lb(optimizer: HFOptimizer, loss: Any) -> None:
+    """Warn once when a Python-number loss lies below ``lb`` of a group without
+    ``use_fstar``. A tensor loss is not read here (that would wait for the device):
+    :func:`_warn_if_average_below_lb` checks its average when the statistics are read."""
+    if isinstance(loss, Tensor):
+        return
+    for group in optimizer.param_groups:
+        if not group["use_fstar"] and float(loss) < group["lb"]:
+            message = _below_lb_message(optimizer, "the loss", float(loss), group["lb"])
+            optimizer._warn_once("loss-below-lb", message)
+            return
+
+
+def _warn_if_average_below_lb(optimizer: HFOptimizer, statistics: dict[str, float]) -> None:
+    for index, group in enumerate(optimizer.param_groups):
+        average = statistics.get(f"loss_avg/group_{index}")
+        if average is not None and not group["use_fstar"] and average < group["lb"]:
+            message = _below_lb_message(optimizer, "the loss average", average, group["lb"])
+            optimizer._warn_once("loss-below-lb", message)
+            return
 
 
 class Momo(HFOptimizer):
@@ -200,39 +359,42 @@ class Momo(HFOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: cap :math:`\\alpha` on the step size (``>= 0``); ``lr=1`` works broadly.
+        lr: cap :math:`\\alpha` on the step size (``>= 0``, a float or a 0-d tensor);
+            ``lr=1`` works broadly.
         weight_decay: proximal weight decay :math:`\\lambda` (``>= 0``).
-        beta: momentum, in ``[0, 1]``.
+        beta: momentum, in ``[0, 1)``.
         lb: lower bound of the loss (0 for cross-entropy/MSE); the floor when ``use_fstar``.
         bias_correction: start the averages at zero and correct them by :math:`1-\\beta^k`.
         use_fstar: estimate the lower bound online.
-        foreach: ``None``/``True`` for the multi-tensor path, ``False`` for the reference loop.
+        implementation: ``"auto"`` (compiled kernels where a compiler works), ``"compiled"``
+            or ``"eager"`` (the reference).
+        skip_nonfinite: skip a step whose gradients are not all finite (a non-finite loss
+            always skips the step).
 
-    Live statistics (``statistics()``): ``tau`` per group, ``loss_avg`` and (with
-    ``use_fstar``) ``fstar``.
+    Live statistics (``statistics()``): ``tau`` per group, ``loss_avg``, ``skipped_steps``
+    and (with ``use_fstar``) ``fstar``.
     """
 
     needs_loss = True
-    statistic_keys = ("tau", "loss_avg", "fstar")
+    supports_complex = True
+    statistic_keys = STATISTIC_KEYS
+    group_state_keys = GROUP_STATE_KEYS
+    wide_state_keys = frozenset({"grad_dot_w"})
+    counter_state_keys = frozenset()
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1.0,
+        lr: float | Tensor = 1.0,
         weight_decay: float = 0,
         beta: float = 0.9,
         lb: float = 0,
         bias_correction: bool = False,
         use_fstar: bool = False,
         *,
-        foreach: bool | None = None,
+        implementation: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
-        check_range("lr", lr, 0.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("beta", beta, 0.0, 1.0)
-        check_range("lb", lb, low_open=True, high_open=True)
-        _check_flag("bias_correction", bias_correction)
-        _check_flag("use_fstar", use_fstar)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -240,143 +402,85 @@ class Momo(HFOptimizer):
             lb=lb,
             bias_correction=bias_correction,
             use_fstar=use_fstar,
-            foreach=foreach,
+            implementation=implementation,
+            skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        grad_avgs: list[Tensor],
-        grad_dot_ws: list[Tensor],
-    ) -> None:
-        for p in group["params"]:
-            if p.grad is None or p.numel() == 0:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Momo does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                # as upstream at step 1: zeros with bias correction, else the first values
-                dtype = accumulation_dtype(p.dtype)
-                if group["bias_correction"]:
-                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["grad_dot_w"] = torch.zeros((), dtype=dtype, device=p.device)
-                else:
-                    state["grad_avg"] = p.grad.clone(memory_format=torch.preserve_format)
-                    state["grad_dot_w"] = _inner(_flat(p), _flat(p.grad), dtype)
-            params.append(p)
-            grads.append(p.grad)
-            grad_avgs.append(state["grad_avg"])
-            grad_dot_ws.append(state["grad_dot_w"])
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("beta", group["beta"], 0.0, 1.0, high_open=True)
+        check_range("lb", group["lb"])
+        check_flag("bias_correction", group["bias_correction"])
+        check_flag("use_fstar", group["use_fstar"])
+
+    def _init_param_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["grad_dot_w"] = torch.zeros(
+            (), dtype=accumulation_dtype(_real_dtype(p)), device=p.device
+        )
+
+    def statistics(self) -> dict[str, float]:
+        statistics = super().statistics()
+        _warn_if_average_below_lb(self, statistics)
+        return statistics
 
     def _step(self, loss: Any) -> None:
         groups = self.param_groups
-        lists = []
-        for group in groups:
-            params, grads, grad_avgs, grad_dot_ws = [], [], [], []
-            self._init_group(group, params, grads, grad_avgs, grad_dot_ws)
-            lists.append((params, grads, grad_avgs, grad_dot_ws))
-        first = next((ls[0][0] for ls in lists if ls[0]), None)
-        if first is None:
+        active = _active_params(self, "Momo")
+        params = [p for group_params in active for p in group_params]
+        if not params:
             return  # no gradients anywhere: nothing to do, no state to advance
+        _warn_if_loss_below_lb(self, loss)
+        first = _real(params[0])
+        like = torch.empty((), dtype=_statistics_dtype(params), device=first.device)
+        previous = _global_state(groups, like)
+        loss = self._loss_tensor(loss, like).to(like.dtype)
+        started = previous["step"] > 0
 
-        step, loss, loss_avg, fstar = _begin_step(self, groups, first, loss)
-        dtype, device = loss.dtype, loss.device
-        # the loss average is global: it uses the last group's beta (upstream MomoAdam's rule)
-        average_beta = groups[-1]["beta"]
-        if loss_avg is None:
-            loss_avg = torch.zeros_like(loss) if groups[-1]["bias_correction"] else loss
-        loss_avg = average_beta * loss_avg + (1.0 - average_beta) * loss
+        # averaging weights: 1 - beta, or 1 in the first step where the averages start at the
+        # first values (no bias correction)
+        weights = []
+        for group in groups:
+            beta = self._scalar(group, "beta", like)
+            first_weight = 1.0 - beta if group["bias_correction"] else torch.ones_like(beta)
+            weights.append(torch.where(started, 1.0 - beta, first_weight))
+        loss_avg = torch.lerp(previous["loss_avg"], loss, weights[-1])
 
-        partials = []
-        for group, (params, grads, grad_avgs, grad_dot_ws) in zip(groups, lists, strict=True):
-            if not params:
-                continue
-            func = _multi_tensor_momo_sums if self._use_foreach(group) else _single_tensor_momo_sums
-            sums = func(params, grads, grad_avgs, grad_dot_ws, beta=group["beta"], dtype=dtype)
-            partials.append(sums.to(device))
-        sums = finish_sums(torch.stack(partials).sum(0))
+        compiled = self._compiled(first)
+        rows = _momo_moments.map(
+            [
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight)
+                for params_of_group, weight in zip(active, weights, strict=True)
+                for p in params_of_group
+            ],
+            compiled=compiled,
+        )
+        sums = _finish_rows(rows, params, like.dtype)
+        ok = _skip_decision(groups, loss, sums)
+        gammas = _new_gammas(self, active, sums, weights)
+        totals = torch.stack([(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()])
 
-        step_in_dtype = step.to(dtype)
+        step = (previous["step"] + 1).to(like.dtype)
         rhos = [
-            1.0 - group["beta"] ** step_in_dtype if group["bias_correction"] else 1.0
+            1.0 - self._scalar(group, "beta", like) ** step if group["bias_correction"] else 1.0
             for group in groups
         ]
-        taus, fstar = _polyak_step_sizes(groups, rhos, loss_avg, sums, fstar)
+        taus, rates, fstar = _polyak_step_sizes(
+            self, groups, rhos, loss_avg, totals, previous["fstar"]
+        )
 
-        for group, tau, (params, _, grad_avgs, _) in zip(groups, taus, lists, strict=True):
-            if not params:
-                continue
-            func = (
-                _multi_tensor_momo_update
-                if self._use_foreach(group)
-                else _single_tensor_momo_update
-            )
-            shrink = 1.0 + group["lr"] * group["weight_decay"]
-            func(params, grad_avgs, tau=tau, shrink=shrink)
-        _store_global_statistics(groups, step, loss_avg, fstar, taus)
-
-
-def _single_tensor_momo_sums(
-    params: list[Tensor],
-    grads: list[Tensor],
-    grad_avgs: list[Tensor],
-    grad_dot_ws: list[Tensor],
-    *,
-    beta: float,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Update the averages; return this group's [sum(<d,x> - gamma), sum(gamma), ||d||^2]
-    in ``dtype``, each parameter's terms accumulated in its own accumulation dtype."""
-    dot_minus_gamma, gamma, norm = [], [], []
-    for p, grad, grad_avg, grad_dot_w in zip(params, grads, grad_avgs, grad_dot_ws, strict=True):
-        wide = grad_dot_w.dtype
-        grad_avg.lerp_(grad, 1.0 - beta)
-        flat_p, flat_avg = _flat(p), _flat(grad_avg)
-        grad_dot_w.lerp_(_inner(flat_p, _flat(grad), wide), 1.0 - beta)
-        dot_minus_gamma.append((_inner(flat_p, flat_avg, wide) - grad_dot_w).to(dtype))
-        gamma.append(grad_dot_w.to(dtype))
-        norm.append(_inner(flat_avg, flat_avg, wide).to(dtype))
-    return torch.stack([torch.stack(column).sum() for column in (dot_minus_gamma, gamma, norm)])
-
-
-def _single_tensor_momo_update(
-    params: list[Tensor], grad_avgs: list[Tensor], *, tau: Tensor, shrink: float
-) -> None:
-    """:math:`x \\leftarrow (x - \\tau d) / (1 + \\alpha\\lambda)`."""
-    neg_tau = -tau
-    for p, grad_avg in zip(params, grad_avgs, strict=True):
-        p.addcmul_(grad_avg, neg_tau)
-        if shrink != 1.0:
-            p.div_(shrink)
-
-
-def _multi_tensor_momo_sums(
-    params: list[Tensor],
-    grads: list[Tensor],
-    grad_avgs: list[Tensor],
-    grad_dot_ws: list[Tensor],
-    *,
-    beta: float,
-    dtype: torch.dtype,
-) -> Tensor:
-    torch._foreach_lerp_(grad_avgs, grads, 1.0 - beta)
-    wides = [grad_dot_w.dtype for grad_dot_w in grad_dot_ws]
-    flat_params, flat_avgs = [_flat(p) for p in params], [_flat(a) for a in grad_avgs]
-    grad_dots = [_inner(p, _flat(g), w) for p, g, w in zip(flat_params, grads, wides, strict=True)]
-    torch._foreach_lerp_(grad_dot_ws, grad_dots, 1.0 - beta)
-    dots = [_inner(p, a, w) for p, a, w in zip(flat_params, flat_avgs, wides, strict=True)]
-    norms = [_inner(a, a, w) for a, w in zip(flat_avgs, wides, strict=True)]
-    return _group_sums(dots, grad_dot_ws, norms).to(dtype)
-
-
-def _multi_tensor_momo_update(
-    params: list[Tensor], grad_avgs: list[Tensor], *, tau: Tensor, shrink: float
-) -> None:
-    # a 0-d tensor factor keeps tau on the device; on CPU this is one pass per parameter
-    torch._foreach_addcmul_(params, grad_avgs, [-tau] * len(params))
-    if shrink != 1.0:
-        torch._foreach_div_(params, shrink)
+        updates = []
+        for params_of_group, weight, tau, (lr, weight_decay) in zip(
+            active, weights, taus, rates, strict=True
+        ):
+            shrink = 1.0 + lr * weight_decay
+            updates += [
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, tau, shrink, ok)
+                for p in params_of_group
+            ]
+        _momo_update.map(updates, compiled=compiled)
+        _write_gammas(self, params, gammas, ok)
+        _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

@@ -8,13 +8,19 @@ from hf_optim.momo import Momo
 
 INVALID = (
     ({"lr": -1.0}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"lr": float("inf")}, "lr"),
     ({"weight_decay": -0.1}, "weight_decay"),
-    ({"beta": 1.5}, "beta"),
+    ({"weight_decay": float("inf")}, "weight_decay"),
+    ({"beta": 1.0}, "beta"),
+    ({"beta": 5.0}, "beta"),
     ({"beta": -0.1}, "beta"),
     ({"lb": float("nan")}, "lb"),
+    ({"lb": float("-inf")}, "lb"),
     ({"bias_correction": "yes"}, "bias_correction"),
     ({"use_fstar": 1}, "use_fstar"),
-    ({"foreach": "fast"}, "foreach"),
+    ({"implementation": "fast"}, "implementation"),
+    ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
 )
 
 CASES = [

@@ -8,15 +8,21 @@ from hf_optim.momo_adam import MomoAdam
 
 INVALID = (
     ({"lr": -1.0}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"lr": float("inf")}, "lr"),
     ({"betas": (1.0, 0.999)}, "betas"),
+    ({"betas": (1.5, 0.9)}, "betas"),
     ({"betas": (0.9, -0.1)}, "betas"),
     ({"betas": (0.9,)}, "betas"),
     ({"eps": -1e-8}, "eps"),
+    ({"eps": float("inf")}, "eps"),
     ({"weight_decay": -0.1}, "weight_decay"),
+    ({"weight_decay": float("inf")}, "weight_decay"),
     ({"lb": float("nan")}, "lb"),
     ({"divide": None}, "divide"),
     ({"use_fstar": "no"}, "use_fstar"),
-    ({"foreach": 1}, "foreach"),
+    ({"implementation": "fast"}, "implementation"),
+    ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
 )
 
 CASES = [
