@@ -186,11 +186,6 @@ class HFOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- implementation switch and per-step scalars --------------------------------------
-    @staticmethod
-    def _use_foreach(group: dict[str, Any]) -> bool:
-        # transitional: goes when the last optimizer has moved to kernels
-        return group.get("foreach") is not False
-
     def _compiled(self, like: Tensor) -> bool:
         """Whether kernels run compiled for tensors like ``like``."""
         from ._kernels import compiler_available
