@@ -1143,9 +1143,13 @@ class AMaC(HFOptimizer):
             self._remember_step(group, known_step + 1)
         group["swa_count"].add_(c[_SWA_EVENT].to(torch.float32))
         group["skipped_steps"].add_(1.0 - ok)
-        group["effective_lr"].copy_(c[_LR])
-        group["noise_std"].copy_(c[_NOISE_STD])
-        group["weight_decay_coefficient"].copy_(decay_rate)
+        # a skipped step leaves the statistics of the last step taken
+        for key, value in (
+            ("effective_lr", c[_LR]),
+            ("noise_std", c[_NOISE_STD]),
+            ("weight_decay_coefficient", decay_rate),
+        ):
+            group[key].copy_(torch.where(ok > 0, value, group[key]))
 
     # -- the step count as known on the host --------------------------------------------------
     def _reset_transient(self) -> None:

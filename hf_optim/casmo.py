@@ -582,7 +582,9 @@ class _GroupStep:
             )  # fmt: skip
         _casmo_update.map(items, compiled=self.compiled(optimizer))
         if self.fresh:  # the step counts only where it was finite
-            torch._foreach_add_([step for *_, step in self.tensors], ok.to(torch.float32))
+            steps = [step for *_, step in self.tensors]
+            # a list of 0-d tensors: the single-tensor overload reads the scalar on the host
+            torch._foreach_add_(steps, [ok.to(torch.float32)] * len(steps))
 
 
 def _finite_step(plans: list[_GroupStep], totals: list[Tensor], loss: Any, optimizer: CASMO):

@@ -299,6 +299,8 @@ class MomoAdam(HFOptimizer):
             ]
         _momo_adam_update.map(updates, compiled=compiled)
         # per-parameter counters outside the kernel (kernels never write 0-d inputs)
-        torch._foreach_add_([self.state[p]["step"] for p in params], ok.to(torch.float32))
+        steps = [self.state[p]["step"] for p in params]
+        # a list of 0-d tensors: the single-tensor overload reads the scalar on the host
+        torch._foreach_add_(steps, [ok.to(torch.float32)] * len(steps))
         _write_gammas(self, params, gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

@@ -42,7 +42,9 @@ class OptimizerCase:
         return bool(getattr(self.cls, "needs_loss", False))
 
     def make(self, params: Any, **overrides: Any):
-        return self.cls(params, **{**self.kwargs, **overrides})
+        """The optimizer, with the eager reference unless ``implementation=`` says otherwise
+        (the battery's implementation axis asks for the compiled kernels explicitly)."""
+        return self.cls(params, **{"implementation": "eager", **self.kwargs, **overrides})
 
 
 def all_cases() -> list[OptimizerCase]:
