@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench_step.py"
 
 
+# Each benchmark smoke run builds and steps every configuration: minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture
 def bench_step():
     spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
