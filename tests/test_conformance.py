@@ -25,6 +25,9 @@ from cases import OptimizerCase, all_cases
 CASES = all_cases()
 CASE_IDS = [case.id for case in CASES]
 IMPLEMENTATIONS = ("eager", "compiled")
+# The compiled kernels compile for minutes on 2 cores: the compiled side of the axis runs in
+# the slow pass (``-m slow``), the eager reference in the default suite.
+IMPLEMENTATION_AXIS = ("eager", pytest.param("compiled", marks=pytest.mark.slow))
 # one configuration per optimizer class, for the most expensive checks
 FIRST_CASES = list({case.cls: case for case in reversed(CASES)}.values())[::-1]
 FIRST_IDS = [case.id for case in FIRST_CASES]
@@ -139,6 +142,7 @@ def assert_compiled_without_failure() -> None:
     assert not COMPILE_FAILURES, f"kernels fell back to eager: {COMPILE_FAILURES}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_compiled_matches_eager_reference(case: OptimizerCase) -> None:
     """float64, 12 steps: the compiled kernels agree with the eager reference to rtol 1e-9
@@ -159,7 +163,7 @@ def test_compiled_matches_eager_reference(case: OptimizerCase) -> None:
     assert all(math.isfinite(x) for x in ref_losses)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_AXIS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_parameter_without_gradient_is_left_alone(case: OptimizerCase, implementation) -> None:
     params = make_params(torch.float64)
@@ -221,7 +225,7 @@ def test_state_dict_is_weights_only_safe(case: OptimizerCase) -> None:
     assert_same_structure(state_dict, loaded, close=False)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_AXIS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_resume_is_bitwise(case: OptimizerCase, dtype: torch.dtype, implementation) -> None:
@@ -483,7 +487,7 @@ def one_step(case, optimizer, params, step):
 
 
 @pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["plain", "skip-nonfinite"])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_AXIS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_step_makes_no_host_sync(case: OptimizerCase, implementation, skip_nonfinite) -> None:
     if case.host_sync_reason:
@@ -525,6 +529,7 @@ def test_step_has_no_graph_breaks(case: OptimizerCase) -> None:
 
 
 # -- compiling ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_compiled_kernels_do_not_recompile(case: OptimizerCase) -> None:
     """A learning rate that changes every step and a second optimizer cost no recompile once a
@@ -547,10 +552,7 @@ def test_compiled_kernels_do_not_recompile(case: OptimizerCase) -> None:
 
 
 def compiled_step_cases():
-    return [
-        case if case in FIRST_CASES else pytest.param(case, marks=pytest.mark.slow)
-        for case in CASES
-    ]
+    return [pytest.param(case, marks=pytest.mark.slow) for case in CASES]
 
 
 @pytest.mark.parametrize("case", compiled_step_cases(), ids=CASE_IDS)
@@ -715,7 +717,7 @@ def test_zero_gradients_move_nothing(case: OptimizerCase) -> None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_AXIS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_dcp_state_initialisation_leaves_no_trace(case: OptimizerCase, implementation) -> None:
     """torch.distributed.checkpoint materialises a fresh optimizer's state by stepping it with
@@ -821,7 +823,7 @@ def without_skip_count(snap):
     return states, [{k: v for k, v in g.items() if k != "skipped_steps"} for g in groups]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_AXIS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_skip_nonfinite_leaves_params_and_state_as_before(case: OptimizerCase, implementation):
     options = {"skip_nonfinite": True, "implementation": implementation}
