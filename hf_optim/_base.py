@@ -9,6 +9,7 @@ Kept in one place so that the five algorithm files hold only their mathematics.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -191,6 +192,10 @@ class HFOptimizer(torch.optim.Optimizer):
         from ._kernels import compiler_available
 
         implementation = self.defaults["implementation"]
+        if implementation == "auto":
+            # a process-wide choice for "auto", e.g. eager for a test run that cannot afford
+            # minutes of compiling on a small CPU
+            implementation = os.environ.get("HF_OPTIM_IMPLEMENTATION", "auto")
         if implementation == "eager" or torch.compiler.is_compiling():
             return False
         if implementation == "compiled":
