@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import DATA_DIR
+from _evidence import DATA_DIR
 from torch import nn
 
 SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"

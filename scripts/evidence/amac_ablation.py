@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _evidence  # noqa: E402
 from momo_lr_sweep import load_digits_split  # noqa: E402
 
 import hf_optim  # noqa: E402
@@ -139,24 +139,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.epochs = 3
-    _common.one_thread()
+    _evidence.one_thread()
     data = load_digits_split()
     config = {"epochs": args.epochs, "batch_size": 64, "model": "64-128-64-10"}
     if args.lr != 1e-4:
         config["amac_lr"] = args.lr
-    _common.run_all(args.out, args.variants, args.seeds,
+    _evidence.run_all(args.out, args.variants, args.seeds,
                     lambda v, s: train_one(v, s, data, args.epochs, args.lr), config=config)
-    runs = [run for run in _common.load_runs(args.out, config) if run["variant"] in args.variants]
-    table = _common.summarise(runs, [v for v in VARIANTS if v in args.variants])
+    runs = [run for run in _evidence.load_runs(args.out, config) if run["variant"] in args.variants]
+    table = _evidence.summarise(runs, [v for v in VARIANTS if v in args.variants])
     reference = table.get("amac_all", {}).get("metrics", {}).get("test_acc", {}).get("mean")
     payload = {"claim": "amac_ablation", "config": config, "variants": table,
-               "machine": _common.machine(),
+               "machine": _evidence.machine(),
                "delta_test_acc_vs_all_on": {
                    name: entry["metrics"]["test_acc"]["mean"] - reference
                    for name, entry in table.items()} if reference is not None else {}}
-    _common.write_summary(args.out, payload)
+    _evidence.write_summary(args.out, payload)
     plot(args.out, table)
-    print(_common.markdown_table(table, ["test_acc", "test_loss", "train_loss",
+    print(_evidence.markdown_table(table, ["test_acc", "test_loss", "train_loss",
                                          "fast_test_acc"]))
     return payload
 

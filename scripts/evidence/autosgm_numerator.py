@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _chargpt  # noqa: E402
-import _common  # noqa: E402
+import _evidence  # noqa: E402
 
 import hf_optim  # noqa: E402
 
@@ -113,15 +113,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         args.steps, args.eval_every, args.eval_batches = 30, 15, 2
         args.block, args.batch, args.width, args.layers = 32, 8, 32, 1
-    _common.one_thread()
+    _evidence.one_thread()
     data = _chargpt.load_shakespeare(args.data)
     config = {key: getattr(args, key) for key in
               ("steps", "lr", "block", "batch", "width", "layers", "eval_batches")}
     lookup = {variant_name(n, g): (n, g) for g in args.gammas for n in args.num_lrc}
-    _common.run_all(args.out, list(lookup), args.seeds,
+    _evidence.run_all(args.out, list(lookup), args.seeds,
                     lambda v, s: train_one(*lookup[v], s, data, args), config=config)
-    runs = [run for run in _common.load_runs(args.out, config) if run["variant"] in lookup]
-    table = _common.summarise(runs, list(lookup))
+    runs = [run for run in _evidence.load_runs(args.out, config) if run["variant"] in lookup]
+    table = _evidence.summarise(runs, list(lookup))
     comparison = {}
     for gamma in args.gammas:
         base = table.get(variant_name(0, gamma))
@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key: mine["metrics"][key]["mean"] - base["metrics"][key]["mean"]
                 for key in ("train_loss", "val_loss")}
     payload = {"claim": "autosgm_numerator", "config": config, "variants": table,
-               "difference_vs_num_lrc0": comparison, "machine": _common.machine()}
-    _common.write_summary(args.out, payload)
+               "difference_vs_num_lrc0": comparison, "machine": _evidence.machine()}
+    _evidence.write_summary(args.out, payload)
     plot(args.out, table, args.num_lrc, args.gammas)
-    print(_common.markdown_table(table, ["train_loss", "val_loss", "best_val_loss"]))
+    print(_evidence.markdown_table(table, ["train_loss", "val_loss", "best_val_loss"]))
     return payload
 
 

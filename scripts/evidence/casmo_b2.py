@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _evidence  # noqa: E402
 
 import hf_optim  # noqa: E402
 
@@ -123,7 +123,7 @@ class LastPositionEncoder(nn.Module):
 
 
 def frozen_confidence(out: Path, seed: int, fallback: float | None) -> float:
-    source = _common.run_path(out, "casmo_adaptive", seed)
+    source = _evidence.run_path(out, "casmo_adaptive", seed)
     if source.exists():
         return float(json.loads(source.read_text())["mean_confidence"])
     if fallback is None:
@@ -286,19 +286,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         args.epochs, args.eval_every = 6, 3
         args.frozen_confidence = args.frozen_confidence or 0.5
-    _common.one_thread()
+    _evidence.one_thread()
     config = {key: getattr(args, key) for key in ("epochs", "batch_size", "noise", "data_seed")}
     if not args.summarise_only:
-        _common.run_all(args.out, args.variants, args.seeds,
+        _evidence.run_all(args.out, args.variants, args.seeds,
                         lambda v, s: train_one(v, s, args), config=config)
-    runs = _common.load_runs(args.out, config)
+    runs = _evidence.load_runs(args.out, config)
     variants = [v for v in VARIANTS if any(run["variant"] == v for run in runs)]
-    table = _common.summarise(runs, variants)
+    table = _evidence.summarise(runs, variants)
     payload = {"claim": "casmo_b2", "config": config, "variants": table,
-               "machine": _common.machine()}
-    _common.write_summary(args.out, payload)
+               "machine": _evidence.machine()}
+    _evidence.write_summary(args.out, payload)
     plot(args.out, runs, variants)
-    print(_common.markdown_table(table, ["val_acc", "best_val_acc", "train_acc",
+    print(_evidence.markdown_table(table, ["val_acc", "best_val_acc", "train_acc",
                                          "wrong_labels_memorised", "mean_confidence"]))
     return payload
 

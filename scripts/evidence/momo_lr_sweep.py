@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _evidence  # noqa: E402
 
 import hf_optim  # noqa: E402
 
@@ -176,18 +176,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.lrs, args.epochs = [1e-3, 1e-1, 10.0], 2
-    _common.one_thread()
+    _evidence.one_thread()
     data = load_digits_split()
     config = {"epochs": args.epochs, "batch_size": 64, "model": "64-128-128-10"}
     grid = sorted(args.lrs)
     lookup = {variant_name(o, lr): (o, lr) for o in args.optimizers for lr in grid}
-    _common.run_all(args.out, list(lookup), args.seeds,
+    _evidence.run_all(args.out, list(lookup), args.seeds,
                     lambda v, s: train_one(*lookup[v], s, data, args.epochs), config=config)
-    runs = [run for run in _common.load_runs(args.out, config) if run["variant"] in lookup]
-    table = _common.summarise(runs, list(lookup))
+    runs = [run for run in _evidence.load_runs(args.out, config) if run["variant"] in lookup]
+    table = _evidence.summarise(runs, list(lookup))
     payload = {"claim": "momo_lr_sweep", "config": config, "grid": grid, "variants": table,
-               "plateaus": plateaus(table, grid, args.tolerance), "machine": _common.machine()}
-    _common.write_summary(args.out, payload)
+               "plateaus": plateaus(table, grid, args.tolerance), "machine": _evidence.machine()}
+    _evidence.write_summary(args.out, payload)
     plot(args.out, table, grid)
     for optimizer, entry in payload["plateaus"]["optimizers"].items():
         print(optimizer, entry)
