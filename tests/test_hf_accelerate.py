@@ -45,7 +45,10 @@ def test_raw_accelerate_loop(name, accelerator, monkeypatch):
     windows = MICRO_BATCHES // ACCUMULATION
     length = hf_optim.get_optimizer_info(name).total_steps_argument  # a raw loop passes it
     optimizer = cls(
-        model.parameters(), lr=LEARNING_RATES[name], **({length: windows} if length else {})
+        model.parameters(),
+        lr=LEARNING_RATES[name],
+        **({length: windows} if length else {}),
+        **({"warmup_steps": 1} if name == "amac" else {}),  # a warm-up inside the short run
     )
     loader = torch.utils.data.DataLoader(ToyLM(4 * MICRO_BATCHES), batch_size=4)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -264,7 +264,7 @@ def test_schema_rejects_unknown_key_and_bad_value(name):
 def test_schema_types_and_syntax():
     parsed, glue = parse_optim_args(
         "casmo",
-        " c_min = 0.05 , betas=0.9:0.99, tau_init_steps=7, adaptive_c_min=yes, foreach=none,"
+        " c_min = 0.05 , betas=0.9:0.99, tau_init_steps=7, adaptive_c_min=yes, agar_clamp_factor=none,"
         "center=mean",
     )
     assert parsed == {
@@ -272,7 +272,7 @@ def test_schema_types_and_syntax():
         "betas": (0.9, 0.99),
         "tau_init_steps": 7,
         "adaptive_c_min": True,
-        "foreach": None,
+        "agar_clamp_factor": None,
         "center": "mean",
     }
     assert glue == {}
