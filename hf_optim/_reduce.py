@@ -61,29 +61,20 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-#: flat partition (DeepSpeed ZeRO-1/2) -> (its data-parallel process group, real elements)
-_FLAT_PARTITIONS: Any = None
-
-
-def _flat_partitions() -> Any:
-    global _FLAT_PARTITIONS
-    if _FLAT_PARTITIONS is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        _FLAT_PARTITIONS = WeakIdKeyDictionary()
-    return _FLAT_PARTITIONS
+#: attribute that marks a flat partition (DeepSpeed ZeRO-1/2): (its data-parallel process
+#: group, real elements). An attribute on the tensor rather than a side table: it lives and dies
+#: with the tensor, and dynamo traces a tensor attribute without a graph break.
+_PARTITION_ATTRIBUTE = "_hf_optim_flat_partition"
 
 
 def register_flat_partition(p: Tensor, process_group: Any, valid: int) -> None:
     """Declare ``p`` this rank's piece of a flat partition over ``process_group`` of which
     ``valid`` leading-or-interleaved elements are real (the rest is zero padding)."""
-    _flat_partitions()[p] = (process_group, int(valid))
+    setattr(p, _PARTITION_ATTRIBUTE, (process_group, int(valid)))
 
 
 def _partition(p: Tensor) -> tuple[Any, int] | None:
-    if _FLAT_PARTITIONS is None:
-        return None
-    return _FLAT_PARTITIONS.get(p)
+    return getattr(p, _PARTITION_ATTRIBUTE, None)
 
 
 def reduction_group(params: Iterable[Tensor]) -> Any | None:
@@ -94,16 +85,19 @@ def reduction_group(params: Iterable[Tensor]) -> Any | None:
     their data-parallel group (one per optimizer; mixing it with DTensors is an error).
     """
     params = list(params)
-    if _FLAT_PARTITIONS is not None:
-        groups = {id(entry[0]): entry[0] for p in params if (entry := _partition(p))}
-        if groups:
-            if len(groups) > 1 or any(is_sharded(p) for p in params):
-                raise RuntimeError(
-                    "hf-optim reduces one step's statistics over one process group, but these "
-                    "parameters are ZeRO partitions of different data-parallel groups (or mixed "
-                    "with DTensors)"
-                )
-            return next(iter(groups.values()))
+    groups = {}
+    for p in params:  # a plain loop: dynamo cannot trace a walrus inside a comprehension
+        entry = _partition(p)
+        if entry is not None:
+            groups[id(entry[0])] = entry[0]
+    if groups:
+        if len(groups) > 1 or any(is_sharded(p) for p in params):
+            raise RuntimeError(
+                "hf-optim reduces one step's statistics over one process group, but these "
+                "parameters are ZeRO partitions of different data-parallel groups (or mixed "
+                "with DTensors)"
+            )
+        return next(iter(groups.values()))
     if not any(is_sharded(p) for p in params):
         return None
     import torch.distributed as dist

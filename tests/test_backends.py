@@ -194,3 +194,21 @@ def test_register_flat_partition_counts_real_elements_only():
     _reduce.register_flat_partition(other, "another group", 3)
     with pytest.raises(RuntimeError, match="one process group"):
         _reduce.reduction_group([flat, other])
+
+
+def test_flat_partition_lookup_traces_without_a_graph_break():
+    """``torch.compile(optimizer.step)`` traces the partition lookup of every step."""
+    import torch._dynamo
+
+    flat, plain = torch.zeros(10), torch.zeros(3)
+    _reduce.register_flat_partition(flat, "group", 7)
+
+    def lookup(params):
+        return params[0] + _reduce.valid_numel(params[-1]), _reduce.reduction_group(params[1:])
+
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(lookup)([plain, flat])
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
