@@ -501,9 +501,10 @@ def test_step_makes_no_host_sync(case: OptimizerCase, implementation, skip_nonfi
     if case.host_sync_reason:
         pytest.skip(case.host_sync_reason)
     options = {"implementation": implementation, "skip_nonfinite": skip_nonfinite}
-    warm_params = make_params(torch.float32)  # compile outside the watched region
+    # float64: the kernels the compiled == eager test compiled; warmed outside the watched region
+    warm_params = make_params(torch.float64)
     train(case, case.make(param_groups(case, warm_params), **options), warm_params, steps=2)
-    params = make_params(torch.float32)
+    params = make_params(torch.float64)
     optimizer = case.make(param_groups(case, params), **options)
     for step in range(1, 13):  # the first step (state creation) and every later phase
         loss = one_step(case, optimizer, params, step)
