@@ -503,7 +503,7 @@ def test_step_makes_no_host_sync(case: OptimizerCase, implementation, skip_nonfi
     options = {"implementation": implementation, "skip_nonfinite": skip_nonfinite}
     # float64: the kernels the compiled == eager test compiled; warmed outside the watched region
     warm_params = make_params(torch.float64)
-    train(case, case.make(param_groups(case, warm_params), **options), warm_params, steps=2)
+    train(case, case.make(param_groups(case, warm_params), **options), warm_params, steps=12)
     params = make_params(torch.float64)
     optimizer = case.make(param_groups(case, params), **options)
     for step in range(1, 13):  # the first step (state creation) and every later phase
