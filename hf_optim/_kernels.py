@@ -229,7 +229,8 @@ class Kernel:
         device_type = next(a.device.type for a in args if isinstance(a, Tensor))
         if device_type in self._failed_devices:
             return self.eager(*args)
-        result = self._run_compiled(_static_key(args), 1, self._aliases(args), device_type)
+        flat = _distinct(list(self._aliases(args)), self.flatten)
+        result = self._run_compiled(_static_key(args), 1, flat, device_type)
         if device_type in self._failed_devices:
             return self.eager(*args)
         return result
