@@ -176,7 +176,8 @@ CLI = [
 
 def test_cli_script_then_fresh_process_load(tmp_path):
     """A script that imports hf_optim before transformers trains with --optim casmo; a second
-    process that imports transformers first loads its training_args.bin.
+    process that imports transformers first refuses --optim autosgm until hf_optim is imported,
+    then parses it and loads the first one's training_args.bin.
 
     The first process also checks the import hook: ``import hf_optim`` imports neither
     transformers nor accelerate, a bare ``find_spec`` does not use the hook up, the names,
@@ -200,13 +201,19 @@ def test_cli_script_then_fresh_process_load(tmp_path):
     assert len(report["losses"]) == 4 and all(math.isfinite(x) for x in report["losses"])
 
     code = f"""
-import json, sys, torch
+import contextlib, io, json, sys, torch
 from transformers import TrainingArguments, HfArgumentParser
+argv = ["--output_dir", "x", "--optim", "autosgm"]
+with contextlib.redirect_stderr(io.StringIO()) as refusal:
+    try:
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
+    except SystemExit:
+        pass
+assert "invalid choice: 'autosgm'" in refusal.getvalue(), refusal.getvalue()
 import hf_optim
 args = torch.load({str(out / "checkpoint-4" / "training_args.bin")!r}, weights_only=False)
 fresh = TrainingArguments(output_dir="x", optim="momo")
-(parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-    ["--output_dir", "x", "--optim", "autosgm"])
+(parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
 from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
 assert all(name in _OPTIMIZER_HANDLERS for name in hf_optim.OPTIMIZERS)
 print(json.dumps([args.optim.value, args.optim_args, fresh.optim.value, parsed.optim.value]))
