@@ -2,7 +2,8 @@
 ``sys.path[0]``, exit code, traceback), and with it unmodified third-party training code takes
 ``--optim casmo`` / ``--optim momo``: an HfArgumentParser script of the transformers-examples
 kind (``tests/hf_example_train.py``, which never imports hf_optim), under ``torchrun`` with two
-processes, and TRL's installed ``trl.scripts.sft`` module under ``accelerate launch``."""
+processes, TRL's installed ``trl.scripts.sft`` module under ``accelerate launch``, and TRL's
+``trl sft`` console command (slow pass)."""
 
 from __future__ import annotations
 
