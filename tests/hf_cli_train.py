@@ -7,15 +7,18 @@ is ``import hf_optim``. Prints one JSON line describing what was trained.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
 import hf_optim  # noqa: F401 - registers the optim= names
 
-TRANSFORMERS_IMPORTED_BY_HF_OPTIM = "transformers" in sys.modules
+IMPORTED_BY_HF_OPTIM = [name for name in ("transformers", "accelerate") if name in sys.modules]
+importlib.util.find_spec("transformers.training_args")  # a bare look-up must not use the hook up
 
 from hf_common import ToyLM, tiny_gpt2, train_losses  # noqa: E402
 from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS  # noqa: E402
 
 
 def main(argv: list[str]) -> dict:
@@ -29,7 +32,10 @@ def main(argv: list[str]) -> dict:
     trainer.train()
     optimizer = hf_optim.hf.unwrap_optimizer(trainer.optimizer)
     return {
-        "transformers_imported_by_hf_optim": TRANSFORMERS_IMPORTED_BY_HF_OPTIM,
+        "imported_by_hf_optim": IMPORTED_BY_HF_OPTIM,
+        "handlers": all(name in _OPTIMIZER_HANDLERS for name in hf_optim.OPTIMIZERS),
+        "trainer_wrapped": getattr(Trainer.create_optimizer, "_hf_optim_wrapped", False),
+        "hook_left": any("Registering" in type(finder).__name__ for finder in sys.meta_path),
         "optim": args.optim.value,
         "optimizer_class": type(optimizer).__name__,
         "c_min": optimizer.param_groups[0].get("c_min"),

@@ -2,12 +2,14 @@
 ``sys.path[0]``, exit code, traceback), and with it unmodified third-party training code takes
 ``--optim casmo`` / ``--optim momo``: an HfArgumentParser script of the transformers-examples
 kind (``tests/hf_example_train.py``, which never imports hf_optim), under ``torchrun`` with two
-processes, and TRL's installed ``trl.scripts.sft`` module under ``accelerate launch``."""
+processes, TRL's installed ``trl.scripts.sft`` module under ``accelerate launch``, and TRL's
+``trl sft`` console command (slow pass)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,8 +113,8 @@ def test_unmodified_example_script_with_casmo(tmp_path):
     argv = [str(EXAMPLE), "--output_dir", str(tmp_path / "out"), "--optim", "casmo"]
     argv += ["--optim_args", "tau_init_steps=2", "--learning_rate", "1e-2", *TRAINING]
     argv += ["--exit_code", "5"]
-    plain = _run([sys.executable, *argv], tmp_path)
-    assert plain.returncode == 2 and "invalid choice: 'casmo'" in plain.stderr
+    # Without the launcher the same parser refuses the name: test_hf_registration's fresh
+    # process checks that (and the slow pass shows it for TRL's `trl sft` command).
     launched = _run([sys.executable, "-m", "hf_optim", *argv], tmp_path)
     assert launched.returncode == 5, launched.stderr[-4000:]
     report = json.loads(launched.stdout.strip().splitlines()[-1])
@@ -171,3 +173,64 @@ def test_trl_sft_module_with_momo_under_accelerate_launch(tmp_path):
     state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     _check_momo_log(state["log_history"])
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+CONSOLE_SCRIPT = """#!/usr/bin/env python
+import atexit, json, sys, tempfile
+import torch.distributed as dist
+
+dist.init_process_group(
+    "gloo", rank=0, world_size=1, init_method="file://" + tempfile.mktemp(prefix="pg")
+)
+atexit.register(lambda: print(json.dumps({"argv": sys.argv, "name": __name__,
+    "hf_optim": "hf_optim" in sys.modules, "group_at_exit": dist.is_initialized()})))
+"""
+
+
+def test_console_command_and_process_group_left_behind(tmp_path):
+    """A console command on PATH written in Python runs as that script (argv[0] its path, as
+    the shell gives it); a process group the script leaves is destroyed before exit (the atexit
+    report runs after that); a command that is not Python gets a clear error."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    command = bin_dir / "train-cli"
+    command.write_text(CONSOLE_SCRIPT)
+    (bin_dir / "not-python").write_text("#!/bin/sh\necho hello\n")
+    for path in bin_dir.iterdir():
+        path.chmod(0o755)
+    path_env = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+    launched = _report(
+        _run([sys.executable, "-m", "hf_optim", "train-cli", "x"], tmp_path, PATH=path_env)
+    )
+    assert not launched["group_at_exit"]  # `python train-cli x` would print True here
+    assert launched["argv"] == [str(command), "x"]
+    assert launched["name"] == "__main__" and launched["hf_optim"]
+    refused = _run([sys.executable, "-m", "hf_optim", "not-python"], tmp_path, PATH=path_env)
+    assert refused.returncode == 2 and "is not a Python script" in refused.stderr
+
+
+@pytest.mark.slow  # two TRL processes (the command and the training script): ~45 s of CPU
+def test_trl_console_command_with_casmo(tmp_path):
+    """``trl sft`` is a console command that parses the arguments, then starts TRL's sft.py
+    through ``accelerate launch``: alone it refuses ``--optim casmo``; through the launcher,
+    with ``-m hf_optim`` passed on to ``accelerate launch``, it trains with CASMO."""
+    pytest.importorskip("trl")
+    trl = shutil.which("trl") or str(Path(sys.executable).with_name("trl"))
+    if not Path(trl).exists():
+        pytest.skip("TRL's `trl` console command is not installed")
+    model = save_tiny_char_model(str(tmp_path / "model"))
+    data = tmp_path / "data"
+    data.mkdir()
+    text = (REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    (data / "train.txt").write_text(text[:20000])
+    arguments = ["sft", "--model_name_or_path", model, "--dataset_name", str(data)]
+    arguments += ["--output_dir", str(tmp_path / "out"), "--optim", "casmo", "--max_length", "32"]
+    arguments += ["--optim_args", "tau_init_steps=2", "--learning_rate", "1e-2", *TRAINING]
+    arguments += ["--save_strategy", "steps", "--save_steps", "4"]
+    plain = _run([trl, *arguments], tmp_path)
+    assert plain.returncode == 2 and "invalid choice: 'casmo'" in plain.stderr
+    launched = _run([sys.executable, "-m", "hf_optim", trl, *arguments, "-m", "hf_optim"], tmp_path)
+    assert launched.returncode == 0, (launched.stdout[-2000:], launched.stderr[-4000:])
+    state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    losses = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 4 and "optim/confidence/group_0" in losses[0]

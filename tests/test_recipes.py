@@ -1,7 +1,7 @@
 """The recipes, run for a few steps offline on ../shared/data (tiny models, data slices).
 
 Most runs call the recipe's ``main(argv)`` in this process, to pay for importing transformers
-once; one test launches a recipe as two processes with ``accelerate launch``.
+once; one test (slow pass) launches a recipe as two processes with ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -158,6 +158,10 @@ def test_clm_gpt2_bpe_lora_reports_validation_and_test(
     _assert_perplexity(on_disk, "test")
 
 
+# Two processes each importing transformers: ~35 s on 2 busy cores. The default pass keeps the
+# Trainer under DDP in tests/test_hf_ddp.py (bitwise-equal replicas) and every recipe in one
+# process above; this is the recipe under a real multi-process ``accelerate launch``.
+@pytest.mark.slow
 def test_clm_two_processes_on_cpu(shakespeare_slice: Path, tmp_path: Path) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` with ``--use_cpu``: gloo DDP."""
     with socket.socket() as probe:
