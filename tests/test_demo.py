@@ -192,3 +192,22 @@ def test_demo_over_several_seeds_reports_mean_and_spread(tmp_path, capsys):
     assert table.startswith("2 seeds (0, 1)") and "| adamw |" in table and "±" in table
     assert "| momo |" in printed
     assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_implementation_choice_reaches_the_optimizers_and_is_undone(tmp_path, monkeypatch):
+    seen = []
+    import hf_optim.demo.run as demo_run
+
+    real = demo_run.run_demo
+
+    def spy(contenders, config):
+        seen.append(os.environ.get("HF_OPTIM_IMPLEMENTATION"))
+        return real(contenders, config)
+
+    monkeypatch.setattr(demo_run, "run_demo", spy)
+    monkeypatch.setenv("HF_OPTIM_IMPLEMENTATION", "compiled")
+    args = ["--quick", "--steps", "2", "--optimizers", "momo", "--output-dir", str(tmp_path)]
+    assert main([*args, "--implementation", "eager"]) == 0
+    assert seen == ["eager"] and os.environ["HF_OPTIM_IMPLEMENTATION"] == "compiled"
+    with pytest.raises(SystemExit):
+        main([*args, "--implementation", "fast"])

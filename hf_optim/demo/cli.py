@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"reduced size for smoke tests ({QUICK.steps} steps, {QUICK.train_size} examples)",
     )
+    parser.add_argument(
+        "--implementation",
+        choices=("eager", "auto", "compiled"),
+        default="eager",
+        help="hf-optim kernels (default eager: on the demo's small model, compiling them on a "
+        "CPU takes longer than the compiled kernels save; the results are the same)",
+    )
     parser.add_argument("--list", action="store_true", help="print the optimizer table and exit")
     return parser
 
@@ -137,6 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    previous = os.environ.get("HF_OPTIM_IMPLEMENTATION")
+    os.environ["HF_OPTIM_IMPLEMENTATION"] = args.implementation
+    try:
+        return _run(args, config)
+    finally:  # main() is also called in-process (tests): leave the environment as it was
+        if previous is None:
+            del os.environ["HF_OPTIM_IMPLEMENTATION"]
+        else:
+            os.environ["HF_OPTIM_IMPLEMENTATION"] = previous
+
+
+def _run(args: argparse.Namespace, config: DemoConfig) -> int:
     from .report import markdown_table, plot_learning_curves
     from .run import run_demo
 
