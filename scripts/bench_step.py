@@ -692,7 +692,10 @@ def baseline_state(size: str, configs: list[Config], args: argparse.Namespace) -
         return {}
     with tempfile.TemporaryDirectory(prefix="bench_step_baseline_") as workdir:
         path = baseline_path(args.baseline, Path(workdir))
+        # eager: the state's size does not depend on the kernels, and compiling every
+        # configuration only to count its state would take many minutes on a small CPU
         env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": str(args.threads)}
+        env["HF_OPTIM_IMPLEMENTATION"] = "eager"
         command = [sys.executable, str(Path(__file__).resolve()), "--state-only", "--size", size]
         command += ["--device", args.device, "--only", *names]
         done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=workdir)
