@@ -163,6 +163,14 @@ CONFIGS: dict[str, Config] = {
             },
         ),
         Config(
+            # skip_nonfinite adds a count to AMaC's one collective: every rank must issue it
+            # with the same size, the rank holding empty shards included
+            "amac-everything-skip-nonfinite",
+            "amac",
+            {**_AMAC_ALL, "skip_nonfinite": True},
+            {"lr": 5e-3, "momentum": 0.5, "noise_factor": 0.2, "seed": 3},
+        ),
+        Config(
             "amac-features-off",
             "amac",
             {
