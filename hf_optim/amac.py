@@ -910,7 +910,9 @@ class AMaC(HFOptimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AMaC does not support sparse gradients")
-                if p not in self.state:
+                # an empty entry is no state: DeepSpeed ZeRO reads optimizer.state[partition]
+                # (a defaultdict) for every group after stepping the first one
+                if not self.state.get(p):
                     self._init_param_state(group, p)
                 chosen.append((index, p))
             if chosen:

@@ -738,3 +738,21 @@ def test_update_of_a_shard_equals_that_of_the_whole(implementation: str) -> None
     whole = update(slice(0, 9), slice(0, 6), means)
     assert torch.equal(update(slice(5, 9), slice(0, 6), means), whole[5:9])
     assert torch.equal(update(slice(0, 9), slice(2, 6), means), whole[:, 2:6])
+
+
+def test_an_empty_state_entry_is_no_state() -> None:
+    """DeepSpeed ZeRO steps one parameter group at a time and, after the first, reads
+    ``optimizer.state[partition]`` for every group (a defaultdict: it leaves ``{}`` behind).
+    A parameter whose entry is empty starts as a fresh one (a KeyError 'exp_avg' before)."""
+    params = make_params()
+    fresh, touched = clone(params), clone(params)
+    options = {**BASE, **HYPER}
+    expected = AMaC([{"params": fresh[:2]}, {"params": fresh[2:], "lr": 1e-2}], **options)
+    optimizer = AMaC([{"params": touched[:2]}, {"params": touched[2:], "lr": 1e-2}], **options)
+    for p in touched:
+        assert optimizer.state[p] == {}  # what DeepSpeed's state linking does
+    run(expected, fresh, 3)
+    run(optimizer, touched, 3)
+    for got, want in zip(touched, fresh, strict=True):
+        assert torch.equal(got, want)
+    assert set(optimizer.state[touched[0]]) == set(expected.state[fresh[0]])
