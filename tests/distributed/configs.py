@@ -124,7 +124,8 @@ CONFIGS: dict[str, Config] = {
                 "window_shape": 0.5,
                 "window_unit_steps": 2,
             },
-            {"per_tensor": True, "lr": 2e-2},
+            # elementwise in both groups: runs under ZeRO with several groups
+            {"lr": 2e-2, "num_lrc": 2, "beta_n": 0.9},
         ),
         Config(
             "autosgm-lrc4-polynomial",
