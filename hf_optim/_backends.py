@@ -207,14 +207,18 @@ def _calling_zero_optimizer(search: int = 12) -> tuple[Any, dict] | None:
     for _ in range(search):
         if frame is None:
             break
-        owner = frame.f_locals.get("self")
-        module = type(owner).__module__ if owner is not None else ""
-        if module.startswith("deepspeed.runtime.zero") or module.startswith(
-            "deepspeed.runtime.bf16_optimizer"
-        ):
-            return owner, frame.f_locals
+        # Only a DeepSpeed frame's locals are read: reading ``f_locals`` snapshots them into a
+        # dict the frame keeps, so reading a caller's (the user's training function) would keep
+        # its Trainer and optimizer alive after the user dropped them.
+        if frame.f_globals.get("__name__", "").startswith(_ZERO_MODULES):
+            owner = frame.f_locals.get("self")
+            if type(owner).__module__.startswith(_ZERO_MODULES):
+                return owner, frame.f_locals
         frame = frame.f_back
     return None
+
+
+_ZERO_MODULES = ("deepspeed.runtime.zero", "deepspeed.runtime.bf16_optimizer")
 
 
 def _zero_stage(zero_optimizer: Any) -> int:

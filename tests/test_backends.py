@@ -126,20 +126,27 @@ def test_plain_parameters_pass_and_the_verdict_is_cached():
     assert len(_backends._CHECKED[optimizer]) == 1
 
 
+_ZERO_STEP = """
+def _optimizer_step(self, group_no):
+    original_param_groups = self.optimizer.param_groups
+    self.optimizer.param_groups = [original_param_groups[group_no]]
+    try:
+        self.optimizer.step()
+    finally:
+        self.optimizer.param_groups = original_param_groups
+"""
+
+
 def _fake_zero(module: str, **attributes):
     """A stand-in for DeepSpeed's ZeRO optimizer: a class from a ``deepspeed.runtime.zero``
     module whose ``_optimizer_step`` calls the client optimizer's ``step()`` as DeepSpeed does
-    (one group at a time)."""
-
-    def _optimizer_step(self, group_no):
-        original_param_groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [original_param_groups[group_no]]
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = original_param_groups
-
-    cls = type("FakeZero", (), {"_optimizer_step": _optimizer_step, "__module__": module})
+    (one group at a time). The method is compiled into that module's namespace: the check
+    reads the locals only of frames running DeepSpeed's code."""
+    namespace = {"__name__": module}
+    exec(_ZERO_STEP, namespace)  # noqa: S102 - a fixed source, defined below
+    cls = type(
+        "FakeZero", (), {"_optimizer_step": namespace["_optimizer_step"], "__module__": module}
+    )
     zero = cls()
     for key, value in attributes.items():
         setattr(zero, key, value)
