@@ -18,6 +18,10 @@ from hf_optim import amac as amac_module
 from hf_optim.amac import AMaC as _AMaC
 from hf_optim.amac import anneal_factor, lr_factor
 
+# the compiled kernels take seconds to compile each on a small box: the slow pass (as the
+# battery's implementation axis)
+IMPLEMENTATIONS = ("eager", pytest.param("compiled", marks=pytest.mark.slow))
+
 
 def AMaC(*args, **kwargs) -> _AMaC:  # noqa: N802 - the class, on its reference path by default
     kwargs.setdefault("implementation", "eager")
@@ -114,7 +118,7 @@ def reference_run(
 HYPER = {"lr": 3e-2, "betas": (0.85, 0.99), "eps": 1e-8, "weight_decay": 0.1, "momentum": 0.7}
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_features_off_is_adamw_plus_heavy_ball(implementation: str) -> None:
     params = make_params()
     expected = reference_run(params, 15, **HYPER)
@@ -125,7 +129,7 @@ def test_features_off_is_adamw_plus_heavy_ball(implementation: str) -> None:
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_without_momentum_it_is_torch_adamw(implementation: str) -> None:
     params = make_params()
     theirs = clone(params)
@@ -146,7 +150,7 @@ def test_without_momentum_it_is_torch_adamw(implementation: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_lookahead_is_reference_lookahead_over_the_base(implementation: str) -> None:
     params = make_params()
     expected = reference_run(params, 14, **HYPER, lookahead_k=3, lookahead_alpha=0.6)
@@ -405,7 +409,7 @@ def test_clipping_bounds_the_normalised_update() -> None:
 
 
 # -- SWA and the train/eval swap ----------------------------------------------------------
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_swa_is_a_uniform_average_of_every_group(implementation: str) -> None:
     params = make_params()
     optimizer = AMaC(
@@ -711,7 +715,7 @@ def test_noise_depends_on_the_global_position_only() -> None:
     assert torch.equal(block, whole[:, 3:7])
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_update_of_a_shard_equals_that_of_the_whole(implementation: str) -> None:
     """The row kernel on a block of rows or columns, given the block's global position, makes
     the update the whole tensor gets there (noise, centralization by global row means)."""
