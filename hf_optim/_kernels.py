@@ -24,7 +24,8 @@ arrive as 0-d tensors: a Python float is a constant to the compiler.
 
 Rules for kernel authors: never write into a 0-d tensor argument (inductor in torch 2.13
 drops writes to 0-d float64 CPU inputs: return the new value instead), and never pass the
-same tensor twice in one call (a duplicate-input guard recompiles).
+same tensor twice in one call (a duplicate-input guard recompiles; :meth:`Kernel.map` aliases
+the 0-d tensors that items of one chunk share).
 
 Calls run eagerly instead when compiling cannot help: a tensor with fewer than two elements
 (the compiler specialises sizes 0 and 1), a non-contiguous tensor, or a call made while an
@@ -102,6 +103,19 @@ def _alias(tensor: Tensor, flatten: bool) -> Tensor:
 
 def _needs_alias(arg: Any) -> bool:
     return isinstance(arg, Tensor) and (arg.dim() >= 1 or arg._base is not None)
+
+
+def _distinct(args: list[Any], flatten: bool) -> list[Any]:
+    """``args`` with every repeated tensor replaced by an alias. Items of one chunk share 0-d
+    tensors (a group's learning rate): dynamo would guard that two inputs are the same object
+    and recompile when a later chunk pairs other groups."""
+    seen: set[int] = set()
+    for position, arg in enumerate(args):
+        if isinstance(arg, Tensor):
+            if id(arg) in seen:
+                args[position] = _alias(arg, flatten)
+            seen.add(id(args[position]))
+    return args
 
 
 def _compilable(args: Sequence[Any]) -> bool:
@@ -215,7 +229,8 @@ class Kernel:
         device_type = next(a.device.type for a in args if isinstance(a, Tensor))
         if device_type in self._failed_devices:
             return self.eager(*args)
-        result = self._run_compiled(_static_key(args), 1, self._aliases(args), device_type)
+        flat = _distinct(list(self._aliases(args)), self.flatten)
+        result = self._run_compiled(_static_key(args), 1, flat, device_type)
         if device_type in self._failed_devices:
             return self.eager(*args)
         return result
@@ -244,7 +259,7 @@ class Kernel:
                     self._padding(items[chunk[0]], key, slot)
                     for slot in range(len(chunk), CHUNK)
                 ]
-                flat = [arg for item in padded for arg in item]
+                flat = _distinct([arg for item in padded for arg in item], self.flatten)
                 outputs = self._run_compiled(key, CHUNK, flat, device_type)
                 if outputs is None:  # compiling failed just now
                     for index in chunk:

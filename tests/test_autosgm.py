@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 import torch
+from cases import IMPLEMENTATIONS
 
 from hf_optim import AutoSGM
 from hf_optim.autosgm import window_factor
 
 
-@pytest.fixture(params=["eager", "compiled"])
+@pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request) -> str:
     """Each test taking ``implementation`` runs on the eager reference kernels and on the
     same kernels compiled."""
@@ -501,16 +502,21 @@ def test_benchmark_constructor_works(num_lrc: int) -> None:
 
 
 # -- the compiled kernels ----------------------------------------------------------------------
+def slow(kwargs: dict):
+    """One variant for the default pass (one compile); the others in the slow pass."""
+    return pytest.param(kwargs, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"num_lrc": 0, "gamma": 0.3, "weight_decay": 0.1, "decoupled": True, "maximize": True},
+        slow({"num_lrc": 0, "gamma": 0.3, "weight_decay": 0.1, "decoupled": True, "maximize": True}),
         {"num_lrc": 0, "adaptive": False, "eta_i": 1.0, "debias": False},
-        {"num_lrc": 2, "weight_decay": 0.1, "eps_inside_sqrt": False},
-        {"num_lrc": 3, "gamma": 0.4, "weight_decay": 0.1, "decoupled": True},
-        {"num_lrc": 4, "per_tensor": False, "weight_decay": 0.1, "decoupled": True},
-        {"num_lrc": 4, "debias": False, "maximize": True, "eta_i": 0.5},
-        {"num_lrc": 3, "skip_nonfinite": True, "weight_decay": 0.1},
+        slow({"num_lrc": 2, "weight_decay": 0.1, "eps_inside_sqrt": False}),
+        slow({"num_lrc": 3, "gamma": 0.4, "weight_decay": 0.1, "decoupled": True}),
+        slow({"num_lrc": 4, "per_tensor": False, "weight_decay": 0.1, "decoupled": True}),
+        slow({"num_lrc": 4, "debias": False, "maximize": True, "eta_i": 0.5}),
+        slow({"num_lrc": 3, "skip_nonfinite": True, "weight_decay": 0.1}),
     ],
     ids=["lrc0", "sgd", "lrc2", "lrc3", "lrc4-elementwise", "lrc4", "lrc3-skip-nonfinite"],
 )
@@ -535,6 +541,7 @@ def test_compiled_kernels_match_the_eager_reference(kwargs: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_compiled_kernels_handle_bfloat16() -> None:
     results = []
     for implementation in ("eager", "compiled"):

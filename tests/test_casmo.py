@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import IMPLEMENTATIONS
 
 import hf_optim
 from hf_optim import casmo as casmo_module
@@ -171,7 +172,7 @@ def reference_agar(moments, eps, clamp_factor):
     return (signal / (signal + noise + eps)).mean().clamp(0, 1)
 
 
-@pytest.mark.parametrize("implementation", ["compiled", "eager"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("bias_correction", [False, True], ids=["raw", "bias_corrected"])
 @pytest.mark.parametrize("clamp_factor", [10.0, 2.0, None])
 def test_group_agar_is_the_formula_over_all_elements(implementation, bias_correction, clamp_factor):
@@ -250,7 +251,7 @@ def test_add_param_group_after_construction() -> None:
     assert {"confidence/group_0", "confidence/group_1", "tau/group_1"} <= set(statistics)
 
 
-@pytest.mark.parametrize("implementation", ["compiled", "eager"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_parameter_mode_calibrates_after_its_own_steps(implementation) -> None:
     always = torch.nn.Parameter(torch.randn(6))
     later = torch.nn.Parameter(torch.randn(4))
@@ -281,7 +282,7 @@ def test_parameter_mode_calibrates_after_its_own_steps(implementation) -> None:
 
 
 @pytest.mark.parametrize("granularity", ["group", "parameter"])
-@pytest.mark.parametrize("implementation", ["compiled", "eager"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_empty_tensor_never_produces_nan(granularity, implementation) -> None:
     empty = torch.nn.Parameter(torch.zeros(0, 3))
     alone = torch.nn.Parameter(torch.zeros(0))
@@ -379,7 +380,7 @@ def test_state_is_two_moments_per_parameter_and_small_group_tensors() -> None:
 
 
 @pytest.mark.parametrize("granularity", ["group", "parameter"])
-@pytest.mark.parametrize("implementation", ["compiled", "eager"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_cross_tensor_sums_go_through_finish_sums(monkeypatch, granularity, implementation) -> None:
     """Simulate two ranks holding identical shards: finish_sums doubles every partial sum.
     Every statistic is a ratio of finished sums, so the trajectory must not change; a sum

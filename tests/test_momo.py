@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import IMPLEMENTATIONS
 
 import hf_optim.momo as momo_module
 from hf_optim.momo import Momo
@@ -218,7 +219,7 @@ def test_momo_adam_with_tiny_lr_is_adam() -> None:
 
 
 # -- zero gradient, bfloat16, Python-float loss -------------------------------------------------
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("cls", [Momo, MomoAdam])
 def test_zero_gradient_gives_zero_step_and_no_nan(cls, implementation: str) -> None:
     params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
@@ -393,7 +394,7 @@ def masked_batch_loss(model, step, x, y, masked_steps):
     return batch_loss(model, step, x, y)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "cls,kwargs", [(Momo, {"lr": 10.0}), (MomoAdam, {"lr": 1.0})], ids=["momo", "momo_adam"]
 )

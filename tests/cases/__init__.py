@@ -12,6 +12,12 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
+#: the implementation axis of per-optimizer tests: the eager reference in the default pass, the
+#: compiled kernels in the slow pass (compiling on 2 cores costs seconds per kernel)
+IMPLEMENTATIONS = ("eager", pytest.param("compiled", marks=pytest.mark.slow))
+
 
 @dataclass(frozen=True)
 class OptimizerCase:
