@@ -12,15 +12,12 @@ import math
 
 import pytest
 import torch
+from cases import IMPLEMENTATIONS
 
 import hf_optim
 from hf_optim import amac as amac_module
 from hf_optim.amac import AMaC as _AMaC
 from hf_optim.amac import anneal_factor, lr_factor
-
-# the compiled kernels take seconds to compile each on a small box: the slow pass (as the
-# battery's implementation axis)
-IMPLEMENTATIONS = ("eager", pytest.param("compiled", marks=pytest.mark.slow))
 
 
 def AMaC(*args, **kwargs) -> _AMaC:  # noqa: N802 - the class, on its reference path by default
