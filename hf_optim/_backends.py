@@ -147,6 +147,8 @@ def check_backend(optimizer: Any) -> None:
                 raise RuntimeError(message)
         if backend in ("zero1", "zero2"):
             _register_zero_partitions(zero[0])
+        if zero is not None:
+            _drop_empty_state(optimizer)
     _CHECKED.setdefault(optimizer, set()).add(key)
 
 
@@ -205,14 +207,18 @@ def _calling_zero_optimizer(search: int = 12) -> tuple[Any, dict] | None:
     for _ in range(search):
         if frame is None:
             break
-        owner = frame.f_locals.get("self")
-        module = type(owner).__module__ if owner is not None else ""
-        if module.startswith("deepspeed.runtime.zero") or module.startswith(
-            "deepspeed.runtime.bf16_optimizer"
-        ):
-            return owner, frame.f_locals
+        # Only a DeepSpeed frame's locals are read: reading ``f_locals`` snapshots them into a
+        # dict the frame keeps, so reading a caller's (the user's training function) would keep
+        # its Trainer and optimizer alive after the user dropped them.
+        if frame.f_globals.get("__name__", "").startswith(_ZERO_MODULES):
+            owner = frame.f_locals.get("self")
+            if type(owner).__module__.startswith(_ZERO_MODULES):
+                return owner, frame.f_locals
         frame = frame.f_back
     return None
+
+
+_ZERO_MODULES = ("deepspeed.runtime.zero", "deepspeed.runtime.bf16_optimizer")
 
 
 def _zero_stage(zero_optimizer: Any) -> int:
@@ -220,6 +226,18 @@ def _zero_stage(zero_optimizer: Any) -> int:
     if "stage3" in module:
         return 3
     return 2 if getattr(zero_optimizer, "partition_gradients", False) else 1
+
+
+def _drop_empty_state(optimizer: Any) -> None:
+    """ZeRO steps one parameter group at a time and, after the first, reads
+    ``optimizer.state[partition]`` of every group to link its fragments (``state`` is a
+    defaultdict: an empty entry is left behind for each group not yet stepped). An empty entry
+    is no state: removed, so that each optimizer initialises the partition's state as it would
+    on any first step (AutoSGM stopped with KeyError 'step', AMaC with 'exp_avg')."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p in optimizer.state and not optimizer.state[p]:
+                del optimizer.state[p]
 
 
 def _register_zero_partitions(zero_optimizer: Any) -> None:

@@ -910,7 +910,9 @@ class AMaC(HFOptimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AMaC does not support sparse gradients")
-                if p not in self.state:
+                # an empty entry is no state: DeepSpeed ZeRO reads optimizer.state[partition]
+                # (a defaultdict) for every group after stepping the first one
+                if not self.state.get(p):
                     self._init_param_state(group, p)
                 chosen.append((index, p))
             if chosen:
@@ -924,20 +926,20 @@ class AMaC(HFOptimizer):
 
         # Phase 1: per-channel gradient sums (for centralization) and, with skip_nonfinite, a
         # count of non-finite gradient elements. The sums of channels split across ranks and
-        # the counts are finished together, in one collective; nothing else needs one.
+        # the count are finished together, in one collective; nothing else needs one. What
+        # goes into it depends only on global shapes and placements, never on what this rank's
+        # shard holds: every rank issues the same collective (an empty shard adds zeros).
         row_means: dict[tuple[int, int], Tensor] = {}
         split: list[tuple[tuple[int, int], int, int, int, torch.dtype]] = []
         row_sums: list[Tensor] = []
-        nonfinite: list[Tensor] = []
+        nonfinite = torch.zeros(1, dtype=torch.float64, device=like.device)
         for group_index, group, chosen in work:
             for index, p in chosen:
                 grad = local(p.grad)
-                if grad.numel() == 0:
-                    continue
                 dtype = accumulation_dtype(grad.dtype)
                 if self._centralizes(group, p):
                     rows, row_length, first_row, _, rows_split = _row_layout(p)
-                    sums = grad.reshape(grad.shape[0], -1).sum(dim=1, dtype=dtype)
+                    sums = grad.flatten(1).sum(dim=1, dtype=dtype)
                     if rows_split:  # place the local rows' partial sums among the global rows
                         whole = sums.new_zeros(rows)
                         if counts(p, process_group):
@@ -952,13 +954,14 @@ class AMaC(HFOptimizer):
                     checked = grad
                 if skip:
                     count = (~torch.isfinite(checked)).sum(dtype=torch.float64)
-                    nonfinite.append(count.reshape(1).to(like.device))
+                    nonfinite = nonfinite + count.to(like.device)
         if skip and loss is not None:
             count = (~torch.isfinite(self._loss_tensor(loss, like))).to(torch.float64)
-            nonfinite.append(count.reshape(1))
+            nonfinite = nonfinite + count
         ok = torch.ones((), dtype=torch.float32, device=like.device)
-        if row_sums or nonfinite:
-            totals = finish_sums(torch.cat(row_sums + nonfinite), process_group)
+        if row_sums or skip:
+            partials = torch.cat(row_sums + ([nonfinite] if skip else []))
+            totals = finish_sums(partials, process_group)
             start = 0
             for (key, first_row, count, row_length, dtype), whole in zip(
                 split, row_sums, strict=True
@@ -967,7 +970,7 @@ class AMaC(HFOptimizer):
                 row_means[key] = (local_sums / row_length).to(dtype).unsqueeze(1)
                 start += whole.numel()
             if skip:
-                ok = (totals[start:].sum() == 0).to(torch.float32)
+                ok = (totals[start] == 0).to(torch.float32)
 
         # Phase 2: the update, then Lookahead and SWA, tensor by tensor.
         for group_index, group, chosen in work:
@@ -976,7 +979,9 @@ class AMaC(HFOptimizer):
     def _centralizes(self, group: dict[str, Any], p: Tensor) -> bool:
         """Gradient centralization applies to tensors of 2+ dimensions whose output channels
         have more than one element (centring a one-element channel would zero its gradient)."""
-        return group["centralize_gradients"] and p.dim() >= 2 and p[0].numel() > 1
+        # from the global shape: indexing a DTensor (p[0]) would be a collective, issued only by
+        # the ranks that reach this line
+        return group["centralize_gradients"] and p.dim() >= 2 and math.prod(p.shape[1:]) > 1
 
     def _warn_about_schedules(self, group: dict[str, Any]) -> None:
         if group["total_steps"] is None and (

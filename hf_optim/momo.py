@@ -180,17 +180,40 @@ def _statistics_dtype(params: Iterable[Tensor]) -> torch.dtype:
     return torch.float64 if any(_real_dtype(p) == torch.float64 for p in params) else torch.float32
 
 
+def _add_group_state(optimizer: HFOptimizer, group: dict[str, Any]) -> None:
+    """The global entries of a run that has not started, in a new group: step 0, loss average
+    0, no skipped step, and (with ``use_fstar``) the first group's ``lb`` as the estimate.
+    Created with the group, not at the first step: torch.distributed.checkpoint restores only
+    the entries present after its state-initialising step (which must leave groups unchanged),
+    so entries made later would silently not be restored on resume."""
+    params = [local(p) for p in group["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    dtype = _statistics_dtype(params)
+    for key, value_dtype in (("step", torch.float32), ("loss_avg", dtype)):
+        if not isinstance(group.get(key), Tensor):
+            group[key] = torch.tensor(float(group.get(key) or 0), dtype=value_dtype, device=device)
+    if not isinstance(group.get("skipped_steps"), Tensor):
+        group["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=device)
+    if group["use_fstar"] and not isinstance(group.get("fstar"), Tensor):
+        lb = float(optimizer.param_groups[0]["lb"])
+        group["fstar"] = torch.full((), lb, dtype=dtype, device=device)
+
+
 def _global_state(groups: list[dict[str, Any]], like: Tensor) -> dict[str, Tensor]:
     """The previous step's global entries (from the first group that has them), or those of a
     run that has not started: step 0, loss average 0, lower bound ``lb`` of the first group."""
     for group in groups:
         if "step" in group:
             entries = {key: group[key] for key in ("step", "loss_avg")}
+            # groups of different dtypes: the statistics run in the widest
+            entries["loss_avg"] = entries["loss_avg"].to(like.dtype)
             # checkpoints of earlier versions have no skip count
             entries["skipped_steps"] = group.get("skipped_steps")
             if entries["skipped_steps"] is None:
                 entries["skipped_steps"] = torch.zeros_like(group["step"], dtype=torch.float32)
-            entries["fstar"] = group.get("fstar")
+            # every group carries the same estimate once stepped; before, only use_fstar ones
+            fstar = next((g["fstar"] for g in groups if "fstar" in g), None)
+            entries["fstar"] = None if fstar is None else fstar.to(like.dtype)
             break
     else:
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
@@ -414,6 +437,10 @@ class Momo(HFOptimizer):
         check_range("lb", group["lb"])
         check_flag("bias_correction", group["bias_correction"])
         check_flag("use_fstar", group["use_fstar"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _add_group_state(self, self.param_groups[-1])
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]

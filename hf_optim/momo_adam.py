@@ -79,6 +79,7 @@ from .momo import (
     GROUP_STATE_KEYS,
     STATISTIC_KEYS,
     _active_params,
+    _add_group_state,
     _finish_rows,
     _global_state,
     _new_gammas,
@@ -206,6 +207,10 @@ class MomoAdam(HFOptimizer):
         check_range("lb", group["lb"])
         check_flag("divide", group["divide"])
         check_flag("use_fstar", group["use_fstar"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _add_group_state(self, self.param_groups[-1])
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from cases import IMPLEMENTATIONS
 
 import hf_optim
 from hf_optim import amac as amac_module
@@ -114,7 +115,7 @@ def reference_run(
 HYPER = {"lr": 3e-2, "betas": (0.85, 0.99), "eps": 1e-8, "weight_decay": 0.1, "momentum": 0.7}
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_features_off_is_adamw_plus_heavy_ball(implementation: str) -> None:
     params = make_params()
     expected = reference_run(params, 15, **HYPER)
@@ -125,7 +126,7 @@ def test_features_off_is_adamw_plus_heavy_ball(implementation: str) -> None:
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_without_momentum_it_is_torch_adamw(implementation: str) -> None:
     params = make_params()
     theirs = clone(params)
@@ -146,7 +147,7 @@ def test_without_momentum_it_is_torch_adamw(implementation: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_lookahead_is_reference_lookahead_over_the_base(implementation: str) -> None:
     params = make_params()
     expected = reference_run(params, 14, **HYPER, lookahead_k=3, lookahead_alpha=0.6)
@@ -405,7 +406,7 @@ def test_clipping_bounds_the_normalised_update() -> None:
 
 
 # -- SWA and the train/eval swap ----------------------------------------------------------
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_swa_is_a_uniform_average_of_every_group(implementation: str) -> None:
     params = make_params()
     optimizer = AMaC(
@@ -711,7 +712,7 @@ def test_noise_depends_on_the_global_position_only() -> None:
     assert torch.equal(block, whole[:, 3:7])
 
 
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_update_of_a_shard_equals_that_of_the_whole(implementation: str) -> None:
     """The row kernel on a block of rows or columns, given the block's global position, makes
     the update the whole tensor gets there (noise, centralization by global row means)."""
@@ -738,3 +739,21 @@ def test_update_of_a_shard_equals_that_of_the_whole(implementation: str) -> None
     whole = update(slice(0, 9), slice(0, 6), means)
     assert torch.equal(update(slice(5, 9), slice(0, 6), means), whole[5:9])
     assert torch.equal(update(slice(0, 9), slice(2, 6), means), whole[:, 2:6])
+
+
+def test_an_empty_state_entry_is_no_state() -> None:
+    """DeepSpeed ZeRO steps one parameter group at a time and, after the first, reads
+    ``optimizer.state[partition]`` for every group (a defaultdict: it leaves ``{}`` behind).
+    A parameter whose entry is empty starts as a fresh one (a KeyError 'exp_avg' before)."""
+    params = make_params()
+    fresh, touched = clone(params), clone(params)
+    options = {**BASE, **HYPER}
+    expected = AMaC([{"params": fresh[:2]}, {"params": fresh[2:], "lr": 1e-2}], **options)
+    optimizer = AMaC([{"params": touched[:2]}, {"params": touched[2:], "lr": 1e-2}], **options)
+    for p in touched:
+        assert optimizer.state[p] == {}  # what DeepSpeed's state linking does
+    run(expected, fresh, 3)
+    run(optimizer, touched, 3)
+    for got, want in zip(touched, fresh, strict=True):
+        assert torch.equal(got, want)
+    assert set(optimizer.state[touched[0]]) == set(expected.state[fresh[0]])

@@ -126,20 +126,27 @@ def test_plain_parameters_pass_and_the_verdict_is_cached():
     assert len(_backends._CHECKED[optimizer]) == 1
 
 
+_ZERO_STEP = """
+def _optimizer_step(self, group_no):
+    original_param_groups = self.optimizer.param_groups
+    self.optimizer.param_groups = [original_param_groups[group_no]]
+    try:
+        self.optimizer.step()
+    finally:
+        self.optimizer.param_groups = original_param_groups
+"""
+
+
 def _fake_zero(module: str, **attributes):
     """A stand-in for DeepSpeed's ZeRO optimizer: a class from a ``deepspeed.runtime.zero``
     module whose ``_optimizer_step`` calls the client optimizer's ``step()`` as DeepSpeed does
-    (one group at a time)."""
-
-    def _optimizer_step(self, group_no):
-        original_param_groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [original_param_groups[group_no]]
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = original_param_groups
-
-    cls = type("FakeZero", (), {"_optimizer_step": _optimizer_step, "__module__": module})
+    (one group at a time). The method is compiled into that module's namespace: the check
+    reads the locals only of frames running DeepSpeed's code."""
+    namespace = {"__name__": module}
+    exec(_ZERO_STEP, namespace)  # noqa: S102 - a fixed source, defined below
+    cls = type(
+        "FakeZero", (), {"_optimizer_step": namespace["_optimizer_step"], "__module__": module}
+    )
     zero = cls()
     for key, value in attributes.items():
         setattr(zero, key, value)
@@ -212,3 +219,44 @@ def test_flat_partition_lookup_traces_without_a_graph_break():
     finally:
         torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+ZERO_GROUPS_RUN = [
+    ("casmo", {"tau_init_steps": 2}),
+    ("autosgm", {"num_lrc": 0}),
+    ("amac", {"centralize_gradients": False, "noise_factor": 0.0, "warmup_steps": 0}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), ZERO_GROUPS_RUN, ids=[n for n, _ in ZERO_GROUPS_RUN])
+def test_zero_state_linking_leaves_no_broken_state(fake_deepspeed, monkeypatch, name, options):
+    """After stepping the first group, ZeRO reads ``optimizer.state[partition]`` of every group
+    (leaving ``{}`` behind); the other groups must still start fresh and the run equal one
+    without ZeRO (AutoSGM raised KeyError 'step' and AMaC 'exp_avg' at the second group)."""
+    monkeypatch.setattr(_backends, "_register_zero_partitions", lambda zero: None)
+    cls = hf_optim.get_optimizer_class(name)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    grads = [[torch.randn(6, generator=gen, dtype=torch.float64) for _ in start] for _ in range(3)]
+
+    def groups(params):
+        return [{"params": [params[0]]}, {"params": [params[1]], "lr": 5e-3}]
+
+    plain = [t.clone().requires_grad_() for t in start]
+    flat = [t.clone().requires_grad_() for t in start]
+    expected = cls(groups(plain), implementation="eager", **options)
+    optimizer = cls(groups(flat), implementation="eager", **options)
+    zero = _fake_zero(
+        "deepspeed.runtime.zero.stage_1_and_2", optimizer=optimizer, partition_gradients=True
+    )
+    for step_grads in grads:
+        for p, q, g in zip(plain, flat, step_grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        expected.step()
+        for group_no in range(2):
+            zero._optimizer_step(group_no)
+            for p in flat:  # DeepSpeed's _lazy_init_hp_params_optimizer_state
+                optimizer.state[p]
+    for p, q in zip(plain, flat, strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(flat[1], start[1])

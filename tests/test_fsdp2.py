@@ -21,46 +21,15 @@ from configs import CONFIGS  # noqa: E402
 from launch import describe, index, missing, torchrun  # noqa: E402
 
 LAYOUTS = ("fsdp", "hsdp")
-
-
-# Known defect, open in issue 12: AMaC with every feature aborts the whole launch (a gloo
-# collective size mismatch) in the 1-D layout, where rank 1 holds empty shards. It runs in its
-# own launch on the HSDP mesh only, and the 1-D case is an expected failure until fixed.
-CRASHES_THE_LAUNCH = {("amac-everything", "fsdp")}
+CASES = [(config, layout) for config in CONFIGS for layout in LAYOUTS]
 
 
 def _launch(tmp_path_factory, dtype: str) -> dict:
     folder = tmp_path_factory.mktemp("fsdp2")
-    others = [name for name in CONFIGS if name != "amac-everything"]
     rows = torchrun(
-        "fsdp2_check.py",
-        "--config",
-        *others,
-        "--dtypes",
-        dtype,
-        json_path=folder / f"{dtype}.json",
-    )
-    rows += torchrun(
-        "fsdp2_check.py",
-        "--config",
-        "amac-everything",
-        "--layouts",
-        "hsdp",
-        "--dtypes",
-        dtype,
-        json_path=folder / f"{dtype}-amac.json",
+        "fsdp2_check.py", "--config", "all", "--dtypes", dtype, json_path=folder / f"{dtype}.json"
     )
     return index(rows, "config", "backend", "dtype")
-
-
-def _cases():
-    return [
-        pytest.param(config, layout, marks=pytest.mark.xfail(strict=True, reason="open defect"))
-        if (config, layout) in CRASHES_THE_LAUNCH
-        else (config, layout)
-        for config in CONFIGS
-        for layout in LAYOUTS
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +42,13 @@ def float32_results(tmp_path_factory) -> dict:
     return _launch(tmp_path_factory, "float32")
 
 
-@pytest.mark.parametrize("config, layout", _cases())
+@pytest.mark.parametrize("config, layout", CASES)
 def test_fsdp2_float64_equals_single_process(float64_results, config, layout):
     _check(float64_results, config, layout, "float64")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, layout", _cases())
+@pytest.mark.parametrize("config, layout", CASES)
 def test_fsdp2_float32_equals_single_process(float32_results, config, layout):
     _check(float32_results, config, layout, "float32")
 

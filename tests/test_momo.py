@@ -377,8 +377,12 @@ def test_statistics_report_tau_loss_average_and_fstar(cls) -> None:
 def test_step_without_any_gradient_changes_nothing() -> None:
     model = make_model()
     optimizer = Momo(model.parameters())
+    before = {k: v.clone() for k, v in optimizer.param_groups[0].items() if torch.is_tensor(v)}
     optimizer.step(loss=1.0)
-    assert "step" not in optimizer.param_groups[0] and not optimizer.state
+    after = {k: v for k, v in optimizer.param_groups[0].items() if torch.is_tensor(v)}
+    assert not optimizer.state
+    assert before.keys() == after.keys() and float(after["step"]) == 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # -- reliability (issue 9) ------------------------------------------------------------------

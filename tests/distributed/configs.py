@@ -124,7 +124,8 @@ CONFIGS: dict[str, Config] = {
                 "window_shape": 0.5,
                 "window_unit_steps": 2,
             },
-            {"per_tensor": True, "lr": 2e-2},
+            # elementwise in both groups: runs under ZeRO with several groups
+            {"lr": 2e-2, "num_lrc": 2, "beta_n": 0.9},
         ),
         Config(
             "autosgm-lrc4-polynomial",
@@ -161,6 +162,14 @@ CONFIGS: dict[str, Config] = {
                 "warmup_steps": 0,
                 "min_lr_ratio": 0.0,
             },
+        ),
+        Config(
+            # skip_nonfinite adds a count to AMaC's one collective: every rank must issue it
+            # with the same size, the rank holding empty shards included
+            "amac-everything-skip-nonfinite",
+            "amac",
+            {**_AMAC_ALL, "skip_nonfinite": True},
+            {"lr": 5e-3, "momentum": 0.5, "noise_factor": 0.2, "seed": 3},
         ),
         Config(
             "amac-features-off",
