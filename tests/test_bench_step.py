@@ -87,10 +87,15 @@ def test_every_configuration_has_a_row_or_a_reason(bench_step, tmp_path, capsys)
     # state: AdamW keeps two float32 moments per parameter, Momo one
     assert rows["adamw-fused"]["bytes_per_param"] == pytest.approx(8.0, abs=0.01)
     assert rows["momo"]["bytes_per_param"] == pytest.approx(4.0, abs=0.01)
-    # the baseline is this very checkout: the same state sizes
+    # the baseline is this very checkout: the same per-element state (to 1e-3 bytes per
+    # parameter: a buffer the size of the parameters is >= 1; a few 0-d entries are not, and
+    # the baseline's subprocess, which steps each configuration on its own, can hold a
+    # different few)
     for name, row in rows.items():
         if bench_step.CONFIG_BY_NAME[name].source.startswith("hf_optim:"):
-            assert row["baseline_bytes_per_param"] == pytest.approx(row["bytes_per_param"])
+            assert row["baseline_bytes_per_param"] == pytest.approx(
+                row["bytes_per_param"], abs=1e-3
+            )
         if name in bench_step.TARGETS:
             assert row["target"] == bench_step.TARGETS[name] and isinstance(row["met"], bool)
     for name, row in rows.items():
