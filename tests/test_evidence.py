@@ -67,11 +67,11 @@ def test_casmo_b2_data_matches_the_benchmark():
 
 def test_casmo_b2_smoke(tmp_path):
     b2 = _script("casmo_b2")
-    variants = ["casmo", "casmo_adaptive", "adamw", "casmo_frozen"]
+    variants = ["casmo", "casmo_fixed_floor", "adamw", "casmo_frozen"]
     payload = b2.main(["--smoke", "--seeds", "0", "1", "--variants", *variants,
                        "--out", str(tmp_path)])
     _check_outputs(tmp_path, payload, variants, [0, 1], "casmo_b2.png")
-    run = json.loads((tmp_path / "runs" / "casmo_adaptive__s0.json").read_text())
+    run = json.loads((tmp_path / "runs" / "casmo__s0.json").read_text())
     confidences = run["confidence_trajectory"]["values"]
     assert all(0.1 - 1e-6 <= c <= 1.0 + 1e-6 for c in confidences)
     frozen = json.loads((tmp_path / "runs" / "casmo_frozen__s0.json").read_text())
@@ -110,3 +110,35 @@ def test_autosgm_numerator_smoke(tmp_path, data_dir):
     # the Adam numerator learns within 30 steps (uniform over 65 characters is 4.17)
     assert payload["variants"]["num_lrc0_gamma0"]["metrics"]["val_loss"]["mean"] < 4.0
     assert set(payload["difference_vs_num_lrc0"]) == {"num_lrc3_gamma0", "num_lrc3_gamma0.9"}
+
+
+def test_casmo_instruction_sorted_batches_are_pure_and_keep_the_noise_rate():
+    script = _script("casmo_instruction")
+    noisy = [i % 10 < 3 for i in range(2000)]  # 600 wrong-label examples
+    sampler = script.SortedBatches(noisy, batch_size=64, seed=0)
+    for _ in range(2):  # a fresh order per epoch, the same composition
+        order = list(sampler)
+        assert len(order) == len(sampler) == (1400 // 64 + 600 // 64) * 64
+        assert len(set(order)) == len(order)
+        batches = [order[k:k + 64] for k in range(0, len(order), 64)]
+        shares = [sum(noisy[i] for i in batch) / 64 for batch in batches]
+        assert set(shares) == {0.0, 1.0}
+        assert sum(shares) == 600 // 64
+
+
+def test_casmo_instruction_smoke(tmp_path):
+    script = _script("casmo_instruction")
+    variants = ["casmo_sorted", "casmo_mixed", "adamw_sorted"]
+    payload = script.main(["--smoke", "--seeds", "0", "--variants", *variants,
+                           "--out", str(tmp_path)])
+    _check_outputs(tmp_path, payload, variants, [0], "casmo_instruction.png")
+    sorted_run = json.loads((tmp_path / "runs" / "casmo_sorted__s0.json").read_text())
+    trace = sorted_run["trace"]
+    assert set(trace["share"]) == {0.0, 1.0}  # the Trainer consumed the sampler's batches
+    assert all(0.1 - 1e-6 <= c <= 1 + 1e-6 for c in trace["confidence"])
+    mixed = json.loads((tmp_path / "runs" / "casmo_mixed__s0.json").read_text())
+    assert 0 < sum(mixed["trace"]["share"]) / len(mixed["trace"]["share"]) < 1
+    final = sorted_run["final"]
+    assert final["batch_loss_noisy"] > final["batch_loss_clean"]  # the wrong labels are harder
+    curve = sorted_run["curve"]
+    assert curve[-1]["eval_train_clean_loss"] < curve[0]["eval_train_clean_loss"]

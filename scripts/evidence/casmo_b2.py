@@ -8,19 +8,19 @@ the last position. Batch 512 (10 steps per epoch), 2000 epochs, cross-entropy, o
 
 Variants (``--variants``):
 
-* ``casmo``: hf-optim CASMO with the README's B2 settings and the library defaults
+* ``casmo``: hf-optim CASMO with the README's B2 settings and the library defaults otherwise
   (lr 1e-3, weight decay 1.0, group granularity, ``tau_init_steps`` = 5% of all steps,
-  ``c_min`` 0.1, betas (0.9, 0.999)).
-* ``casmo_adaptive``: the same with ``adaptive_c_min=True`` (upstream's calibration rule).
+  ``c_min`` 0.1, betas (0.9, 0.999), ``adaptive_c_min=True``).
+* ``casmo_fixed_floor``: the same with ``adaptive_c_min=False`` (``c_min`` stays the floor).
 * ``adamw``: the README's baseline, AdamW lr 1e-3, weight decay 1.0, betas (0.9, 0.98).
 * ``adamw_b999``: AdamW with CASMO's betas (0.9, 0.999): the beta2 confound alone.
 * ``casmo_frozen``: CASMO with its confidence frozen at the mean confidence ``c`` of the
-  ``casmo_adaptive`` run of the same seed (``--frozen-from``), which is exactly AdamW with
-  lr ``1e-3 * c``, weight decay ``1.0 / c`` (so lr * wd, CASMO's per-step decay, is unchanged)
-  and betas (0.9, 0.999): CASMO's update ``-lr*C*adam_direction - lr*wd*theta`` with a
-  constant ``C``. This separates the effective step size from AGAR's step-by-step selectivity.
-* ``casmo_short_calibration`` / ``casmo_long_calibration``: ``casmo_adaptive`` with
-  ``tau_init_steps`` 2.5% / 10% of all steps.
+  ``casmo`` run of the same seed, which is exactly AdamW with lr ``1e-3 * c``, weight decay
+  ``1.0 / c`` (so lr * wd, CASMO's per-step decay, is unchanged) and betas (0.9, 0.999):
+  CASMO's update ``-lr*C*adam_direction - lr*wd*theta`` with a constant ``C``. This separates
+  the effective step size from AGAR's step-by-step selectivity.
+* ``casmo_short_calibration`` / ``casmo_long_calibration``: ``casmo`` with ``tau_init_steps``
+  2.5% / 10% of all steps (the run length is ``--epochs``).
 
 The model computes the attention query, the residuals, the norms and the feed-forward only for
 the last position (the only one the head reads): the same function and gradients as
@@ -52,7 +52,7 @@ import hf_optim  # noqa: E402
 PRIME = 97
 VARIANTS = (
     "casmo",
-    "casmo_adaptive",
+    "casmo_fixed_floor",
     "adamw",
     "adamw_b999",
     "casmo_frozen",
@@ -123,12 +123,12 @@ class LastPositionEncoder(nn.Module):
 
 
 def frozen_confidence(out: Path, seed: int, fallback: float | None) -> float:
-    source = _evidence.run_path(out, "casmo_adaptive", seed)
+    source = _evidence.run_path(out, "casmo", seed)
     if source.exists():
         return float(json.loads(source.read_text())["mean_confidence"])
     if fallback is None:
         raise SystemExit(
-            f"casmo_frozen needs {source} (run casmo_adaptive for seed {seed} first) "
+            f"casmo_frozen needs {source} (run casmo for seed {seed} first) "
             "or --frozen-confidence")
     return fallback
 
@@ -139,15 +139,13 @@ def build_optimizer(variant: str, params, total_steps: int, confidence: float | 
     casmo_kwargs = dict(lr=lr, weight_decay=wd, granularity="group", c_min=0.1)
     if variant == "casmo":
         return hf_optim.CASMO(params, tau_init_steps=calibration, **casmo_kwargs)
-    if variant == "casmo_adaptive":
-        return hf_optim.CASMO(params, tau_init_steps=calibration, adaptive_c_min=True,
+    if variant == "casmo_fixed_floor":
+        return hf_optim.CASMO(params, tau_init_steps=calibration, adaptive_c_min=False,
                               **casmo_kwargs)
     if variant == "casmo_short_calibration":
-        return hf_optim.CASMO(params, tau_init_steps=max(1, calibration // 2),
-                              adaptive_c_min=True, **casmo_kwargs)
+        return hf_optim.CASMO(params, tau_init_steps=max(1, calibration // 2), **casmo_kwargs)
     if variant == "casmo_long_calibration":
-        return hf_optim.CASMO(params, tau_init_steps=2 * calibration, adaptive_c_min=True,
-                              **casmo_kwargs)
+        return hf_optim.CASMO(params, tau_init_steps=2 * calibration, **casmo_kwargs)
     if variant == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=(0.9, 0.98))
     if variant == "adamw_b999":
@@ -268,7 +266,7 @@ def plot(out: Path, runs: list[dict[str, Any]], variants: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["casmo", "casmo_adaptive", "adamw",
+    parser.add_argument("--variants", nargs="+", default=["casmo", "casmo_fixed_floor", "adamw",
                                                             "casmo_frozen"], choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=2000)
@@ -277,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--frozen-confidence", type=float, default=None,
-                        help="confidence for casmo_frozen when no casmo_adaptive run exists")
+                        help="confidence for casmo_frozen when no casmo run of the seed exists")
     parser.add_argument("--out", type=Path, default=Path("results/evidence/casmo_b2"))
     parser.add_argument("--smoke", action="store_true", help="tiny run for the tests")
     parser.add_argument("--progress", action="store_true", help="print every evaluation")
