@@ -610,19 +610,26 @@ def _new_moments(
     return m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
 
 
-def _agar_moments(
-    m: Tensor, v: Tensor, t: Tensor, beta1: Tensor, beta2: Tensor, bias_correction: Tensor
+def _agar_corrections(
+    step: Tensor, beta1: Tensor, beta2: Tensor, bias_correction: Tensor, counted: bool
 ) -> tuple[Tensor, Tensor]:
-    """The moments AGAR reads, in the accumulation dtype: raw, or bias-corrected when
-    ``bias_correction`` is 1 (``1 - beta**t * 0`` is exactly 1, so no branch is needed)."""
-    dtype = beta1.dtype
-    return (
-        m.to(dtype) / (1 - beta1**t * bias_correction),
-        v.to(dtype) / (1 - beta2**t * bias_correction),
-    )
+    """The divisors of the moments AGAR reads at this step's ``t``: ``1 - beta^t`` when
+    ``bias_correction`` is 1, exactly 1 when it is 0 (no branch needed). ``counted``: the
+    caller has counted this step in ``step`` already."""
+    t = step if counted else step + 1
+    return 1 - beta1**t * bias_correction, 1 - beta2**t * bias_correction
 
 
-@kernel
+def _agar_moments(m: Tensor, v: Tensor, agar1: Tensor, agar2: Tensor) -> tuple[Tensor, Tensor]:
+    """The moments AGAR reads, in the accumulation dtype."""
+    return m.to(agar1.dtype) / agar1, v.to(agar2.dtype) / agar2
+
+
+def _clamp_scalars(grad, exp_avg, exp_avg_sq, step, beta1, beta2, bias_correction, store):
+    return _agar_corrections(step, beta1, beta2, bias_correction, counted=store)
+
+
+@kernel(scalars=_clamp_scalars)
 def _clamp_sums(
     grad: Tensor,
     exp_avg: Tensor,
@@ -632,21 +639,27 @@ def _clamp_sums(
     beta2: Tensor,
     bias_correction: Tensor,
     store: bool,
+    agar1: Tensor,
+    agar2: Tensor,
 ) -> Tensor:
     """Phase 1: the new moments (written when ``store``; the caller has counted the step) and
-    this tensor's partial sums ``[sum |m|, sum v]`` of the moments AGAR reads."""
+    this tensor's partial sums ``[sum |m|, sum v]`` of the moments AGAR reads (``agar1``,
+    ``agar2``: :func:`_agar_corrections`)."""
     m, v = _new_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
-    if store:  # the caller counted the step already
+    if store:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
-        t = step
-    else:
-        t = step + 1
-    m, v = _agar_moments(m, v, t, beta1, beta2, bias_correction)
-    return torch.stack([m.abs().sum(), v.sum()])
+    dtype = agar1.dtype  # the divisors are positive: divide the sums, not every element
+    return torch.stack([m.to(dtype).abs().sum() / agar1, v.to(dtype).sum() / agar2])
 
 
-@kernel
+def _agar_scalars(
+    grad, exp_avg, exp_avg_sq, step, beta1, beta2, bias_correction, eps, m_bound, v_bound, fresh
+):
+    return _agar_corrections(step, beta1, beta2, bias_correction, counted=not fresh)
+
+
+@kernel(scalars=_agar_scalars)
 def _agar_sums(
     grad: Tensor,
     exp_avg: Tensor,
@@ -659,15 +672,16 @@ def _agar_sums(
     m_bound: Tensor,
     v_bound: Tensor,
     fresh: bool,
+    agar1: Tensor,
+    agar2: Tensor,
 ) -> Tensor:
     """Phase 2: ``[sum_i S_i / (S_i + N_i + eps), non-finite gradient elements]`` with the
     finished clamp bounds. ``fresh``: the moments were not stored; recompute them."""
     if fresh:
         m, v = _new_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
-        t = step + 1
     else:
-        m, v, t = exp_avg, exp_avg_sq, step
-    m, v = _agar_moments(m, v, t, beta1, beta2, bias_correction)
+        m, v = exp_avg, exp_avg_sq
+    m, v = _agar_moments(m, v, agar1, agar2)
     signal = m.clamp(-m_bound, m_bound).square()
     noise = (v.clamp(max=v_bound) - signal).clamp(min=eps)
     ratio_sum = (signal / (signal + noise + eps)).sum()
@@ -678,7 +692,16 @@ def _agar_sums(
     return torch.stack([ratio_sum, nonfinite])
 
 
-@kernel
+def _update_scalars(
+    param, grad, exp_avg, exp_avg_sq, step, lr, weight_decay, eps, beta1, beta2, confidence,
+    ok, fresh,
+):  # fmt: skip
+    """The bias corrections ``1 - beta^t`` of the update."""
+    t = step + 1 if fresh else step
+    return 1 - beta1**t, 1 - beta2**t
+
+
+@kernel(scalars=_update_scalars)
 def _casmo_update(
     param: Tensor,
     grad: Tensor,
@@ -693,18 +716,19 @@ def _casmo_update(
     confidence: Tensor,
     ok: Tensor | None,
     fresh: bool,
+    bias1: Tensor,
+    bias2: Tensor,
 ) -> None:
     """Phase 3: p <- p (1 - lr wd) - lr C m_hat / (sqrt(v_hat) + eps). ``fresh``: the
     moments and parameter are written here, and only where ``ok`` (the caller counts the
     step)."""
     if fresh:
         m, v = _new_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
-        t = step + 1
     else:
-        m, v, t = exp_avg, exp_avg_sq, step
+        m, v = exp_avg, exp_avg_sq
     dtype = beta1.dtype
-    m_hat = m.to(dtype) / (1 - beta1**t)
-    v_hat = v.to(dtype) / (1 - beta2**t)
+    m_hat = m.to(dtype) / bias1
+    v_hat = v.to(dtype) / bias2
     decayed = param.to(dtype) * (1 - lr * weight_decay)
     new_param = (decayed - (lr * confidence) * (m_hat / (v_hat.sqrt() + eps))).to(param.dtype)
     if fresh:

@@ -98,41 +98,46 @@ from .momo import (
 __all__ = ["MomoAdam"]
 
 
-def _adam_moments(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps):
+def _bias_correction(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, *_):
+    """:math:`1-\\beta_2^t` at this tensor's next step ``t`` (a kernel's scalar)."""
+    wide = _wide(param)
+    return (1.0 - beta2.to(wide) ** (step.to(wide) + 1.0),)
+
+
+def _adam_moments(param, grad, grad_avg, grad_avg_sq, beta1, beta2, eps, bias2):
     """:math:`d`, :math:`v` (in the state dtype) and :math:`D = \\sqrt{v/(1-\\beta_2^t)} +
-    \\epsilon` (in float32, float64 for float64) at this tensor's next step ``t``."""
+    \\epsilon` (in float32, float64 for float64), ``bias2`` the :func:`_bias_correction`."""
     wide = _wide(param)
     g = grad.to(wide)
     beta1, beta2 = beta1.to(wide), beta2.to(wide)
     average = torch.lerp(grad_avg.to(wide), g, 1.0 - beta1).to(grad_avg.dtype)
     average_sq = (beta2 * grad_avg_sq.to(wide) + (1.0 - beta2) * g * g).to(grad_avg_sq.dtype)
-    bias2 = 1.0 - beta2 ** (step.to(wide) + 1.0)
     denominator = (average_sq.to(wide) / bias2).sqrt() + eps.to(wide)
     return average, average_sq, denominator
 
 
-@kernel
-def _momo_adam_moments(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps):
+@kernel(scalars=_bias_correction)
+def _momo_adam_moments(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, bias2):
     """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
     \\langle x, d\\rangle, \\sum d^2/D]` with this step's moments."""
     average, _, denominator = _adam_moments(
-        param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps
+        param, grad, grad_avg, grad_avg_sq, beta1, beta2, eps, bias2
     )
     wide = _wide(param)
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
     return torch.stack([(x * g).sum(), (x * d).sum(), (d * d / denominator).sum()])
 
 
-@kernel
+@kernel(scalars=_bias_correction)
 def _momo_adam_update(
-    param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, tau, keep, shrink, ok
+    param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps, tau, keep, shrink, ok, bias2
 ):
     """Phase 2 for one tensor: the moments again, :math:`x \\leftarrow (\\kappa x - \\tau
     d/D) / c` (``keep`` :math:`\\kappa`, ``shrink`` :math:`c`); the caller counts the step.
     Nothing changes where ``ok`` is false."""
     wide = _wide(param)
     average, average_sq, denominator = _adam_moments(
-        param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, eps
+        param, grad, grad_avg, grad_avg_sq, beta1, beta2, eps, bias2
     )
     direction = average.to(wide) / denominator
     new = (keep.to(wide) * param.to(wide) - tau.to(wide) * direction) / shrink.to(wide)

@@ -31,3 +31,46 @@ def test_items_sharing_a_zero_dim_tensor_do_not_recompile_when_the_sharing_chang
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p, e)
     assert counters["stats"]["unique_graphs"] == graphs, "sharing another 0-d tensor recompiled"
+
+
+def _decay_scalars(param, grad, beta, step):
+    return (1 - beta**step,)
+
+
+@kernel(scalars=_decay_scalars)
+def _bias_corrected_step(param, grad, beta, step, correction):
+    return param.sub_(grad / correction)
+
+
+def test_scalars_reach_the_body_and_compiled_equals_eager():
+    params = [torch.randn(4099, dtype=torch.float64) for _ in range(3)]
+    grads = [torch.randn(4099, dtype=torch.float64) for _ in range(3)]
+    beta = torch.tensor(0.9, dtype=torch.float64)
+    steps = [torch.tensor(float(t), dtype=torch.float64) for t in (1, 2, 7)]
+    eager = [p.clone() for p in params]
+    items = list(zip(params, grads, [beta] * 3, steps, strict=True))
+    _bias_corrected_step.map(items, compiled=True)
+    _bias_corrected_step.map(list(zip(eager, grads, [beta] * 3, steps, strict=True)))
+    for p, e, g, t in zip(params, eager, grads, steps, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-14, atol=0)
+        assert not torch.equal(p, p + g)  # it moved by g / (1 - beta^t)
+
+
+def test_aliases_are_reused_while_the_tensor_keeps_its_memory():
+    import gc
+
+    from hf_optim import _kernels
+
+    param = torch.randn(8)
+    first = _kernels._cached_alias(param, True)
+    assert _kernels._cached_alias(param, True) is first
+    assert _kernels._cached_alias(param, True, 1) is not first  # a second distinct alias
+    param.data = torch.randn(8)  # new memory: a new alias on it
+    second = _kernels._cached_alias(param, True)
+    assert second is not first and second.data_ptr() == param.data_ptr()
+    param.resize_(16)  # a new layout (and memory)
+    assert _kernels._cached_alias(param, True).shape == (16,)
+    key = (id(param), True, 0)
+    del param
+    gc.collect()
+    assert key not in _kernels._ALIASES  # the entry (and its hold on the memory) went with it

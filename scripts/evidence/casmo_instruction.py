@@ -16,7 +16,8 @@ Variants (``--variants``):
   tensor; the reported confidence is their mean over the weight-decay group).
 * ``casmo_mixed``: the demo's ordinary shuffled batches (about 30% wrong labels in each); the
   confidence is compared with each batch's wrong-label share.
-* ``adamw_sorted``: the demo's AdamW on the sorted batches, the baseline for the losses.
+* ``adamw_sorted``, ``adamw_mixed``: the demo's AdamW on either kind of batches, the
+  baselines for the losses.
 
 Reported per run: the loss on clean and on wrong-label training examples (as labelled: a low
 loss on the wrong labels is memorisation) and on the clean held-out split, exact match on it;
@@ -47,7 +48,8 @@ from hf_optim.demo.metrics import answer_budget, exact_match, greedy_answers  # 
 from hf_optim.demo.run import QUICK, DemoConfig, _build_model  # noqa: E402
 from hf_optim.demo.task import CharTokenizer, PadCollator, build_task, encode_example  # noqa: E402
 
-VARIANTS = ("casmo_sorted", "casmo_parameter_sorted", "casmo_mixed", "adamw_sorted")
+VARIANTS = ("casmo_sorted", "casmo_parameter_sorted", "casmo_mixed", "adamw_sorted",
+            "adamw_mixed")
 
 
 class SortedBatches(torch.utils.data.Sampler):
