@@ -240,15 +240,17 @@ def plot(out: Path, runs: list[dict[str, Any]]) -> Path:
         trace_axis.set(xlabel="step", ylabel="confidence (weight-decay group)",
                        title=f"casmo_sorted seed {example['seed']}: clean (blue) and "
                              "wrong-label (red) batches")
-    for variant in VARIANTS:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, variant in enumerate(VARIANTS):
         mine = [r for r in runs if r["variant"] == variant]
         for number, run in enumerate(mine):
             steps = [p["step"] for p in run["curve"]]
-            style = dict(label=variant if number == 0 else None, alpha=0.8)
-            line, = loss_axis.plot(steps, [p["eval_train_noisy_loss"] for p in run["curve"]],
-                                   **style)
+            style = dict(color=colours[index % len(colours)], alpha=0.8)
+            loss_axis.plot(steps, [p["eval_train_noisy_loss"] for p in run["curve"]],
+                           label=f"{variant} ({len(mine)} seeds)" if number == 0 else None,
+                           **style)
             loss_axis.plot(steps, [p["eval_train_clean_loss"] for p in run["curve"]],
-                           color=line.get_color(), linestyle=":", alpha=0.8)
+                           linestyle=":", **style)
     loss_axis.set(xlabel="step", ylabel="loss",
                   title="training loss: wrong labels (solid), clean (dotted)")
     loss_axis.legend(fontsize=8)
