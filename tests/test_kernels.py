@@ -51,7 +51,7 @@ def test_scalars_reach_the_body_and_compiled_equals_eager():
     items = list(zip(params, grads, [beta] * 3, steps, strict=True))
     _bias_corrected_step.map(items, compiled=True)
     _bias_corrected_step.map(list(zip(eager, grads, [beta] * 3, steps, strict=True)))
-    for p, e, g, t in zip(params, eager, grads, steps, strict=True):
+    for p, e, g in zip(params, eager, grads, strict=True):
         torch.testing.assert_close(p, e, rtol=1e-14, atol=0)
         assert not torch.equal(p, p + g)  # it moved by g / (1 - beta^t)
 
