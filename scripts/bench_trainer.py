@@ -37,6 +37,8 @@ if str(REPO_ROOT) not in sys.path:
 
 YARDSTICK = "adamw_torch_fused"
 TARGET = 0.98
+#: settings a run of a few steps needs (AMaC refuses a warm-up longer than the run)
+OPTIM_ARGS = {"amac": "warmup_steps=1"}
 
 #: GPT-2 shapes: (vocab, positions = sequence length, width, layers, heads, batch size)
 MODELS: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -88,6 +90,7 @@ def train_once(name: str, model: str, steps: int, warmup: int, workdir: str) -> 
     args = hf_optim.TrainingArguments(
         output_dir=workdir,
         optim=name,
+        optim_args=OPTIM_ARGS.get(name),
         max_steps=warmup + steps,
         per_device_train_batch_size=batch,
         learning_rate=1e-4,

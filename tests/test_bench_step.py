@@ -147,12 +147,12 @@ def test_bench_trainer_prints_a_row_per_optim_name(tmp_path) -> None:
     out = tmp_path / "trainer.json"
     argv = ["--model", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "1"]
     try:
-        assert bench_trainer.main([*argv, "--names", "momo", "casmo", "--json", str(out)]) == 0
+        assert bench_trainer.main([*argv, "--names", "momo", "casmo", "amac", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     rows = {row["name"]: row for row in result["rows"]}
-    assert set(rows) == {"adamw_torch_fused", "momo", "casmo"} and not result["failed"]
+    assert set(rows) == {"adamw_torch_fused", "momo", "casmo", "amac"} and not result["failed"]
     assert rows["adamw_torch_fused"]["ratio"] == 1.0
     for row in rows.values():
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["tokens_per_s"] > 0
