@@ -133,6 +133,24 @@ def write_summary(out: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (no display on a CI machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lay ``figure`` out, write it to ``path`` as a PNG and free it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
 def markdown_table(table: dict[str, Any], keys: list[str], fmt: str = "{:.3f}") -> str:
     """A mean +- std table (n seeds) of the summary, one row per variant."""
     lines = ["| variant | seeds | " + " | ".join(keys) + " |",

@@ -100,10 +100,7 @@ def train_one(variant: str, seed: int, data, epochs: int, lr: float = 1e-4) -> d
 
 
 def plot(out: Path, table: dict[str, Any]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _evidence.pyplot()
 
     names = list(table)
     accuracy = [table[n]["metrics"]["test_acc"] for n in names]
@@ -121,11 +118,7 @@ def plot(out: Path, table: dict[str, Any]) -> Path:
     loss_axis.set(ylabel="test cross-entropy", title="test loss")
     for axis in (accuracy_axis, loss_axis):
         axis.tick_params(axis="x", rotation=60)
-    figure.tight_layout()
-    path = out / "amac_ablation.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _evidence.save_figure(figure, out / "amac_ablation.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -69,10 +69,7 @@ def train_one(num_lrc: int, gamma: float, seed: int, data, args) -> dict[str, An
 
 
 def plot(out: Path, table: dict[str, Any], numerators, gammas) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _evidence.pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, key in zip(axes, ("train_loss", "val_loss"), strict=True):
@@ -86,11 +83,7 @@ def plot(out: Path, table: dict[str, Any], numerators, gammas) -> Path:
         axis.set(xlabel="filter zero gamma", ylabel=key.replace("_", " "),
                  title=f"Shakespeare-char: final {key.replace('_', ' ')} (mean ± std)")
         axis.legend()
-    figure.tight_layout()
-    path = out / "autosgm_numerator.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _evidence.save_figure(figure, out / "autosgm_numerator.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

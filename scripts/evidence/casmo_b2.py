@@ -228,10 +228,7 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, An
 
 
 def plot(out: Path, runs: list[dict[str, Any]], variants: list[str]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _evidence.pyplot()
 
     figure, (accuracy_axis, confidence_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -257,11 +254,7 @@ def plot(out: Path, runs: list[dict[str, Any]], variants: list[str]) -> Path:
     accuracy_axis.legend(fontsize=8)
     confidence_axis.set(xlabel="step", ylabel="confidence", title="CASMO confidence")
     confidence_axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / "casmo_b2.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _evidence.save_figure(figure, out / "casmo_b2.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -224,10 +224,7 @@ def train_one(variant: str, seed: int, config: DemoConfig) -> dict[str, Any]:
 
 
 def plot(out: Path, runs: list[dict[str, Any]]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _evidence.pyplot()
 
     figure, (trace_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     example = next((r for r in runs if r["variant"] == "casmo_sorted" and "trace" in r), None)
@@ -254,11 +251,7 @@ def plot(out: Path, runs: list[dict[str, Any]]) -> Path:
     loss_axis.set(xlabel="step", ylabel="loss",
                   title="training loss: wrong labels (solid), clean (dotted)")
     loss_axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / "casmo_instruction.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _evidence.save_figure(figure, out / "casmo_instruction.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

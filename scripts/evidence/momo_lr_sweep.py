@@ -133,10 +133,7 @@ def plateaus(table: dict[str, Any], grid: list[float], tolerance: float) -> dict
 
 
 def plot(out: Path, table: dict[str, Any], grid: list[float]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _evidence.pyplot()
 
     figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     for optimizer in OPTIMIZERS:
@@ -156,11 +153,7 @@ def plot(out: Path, table: dict[str, Any], grid: list[float]) -> Path:
                   ylabel="final training loss (clipped at 10)", title="final training loss")
     for axis in (accuracy_axis, loss_axis):
         axis.legend()
-    figure.tight_layout()
-    path = out / "momo_lr_sweep.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _evidence.save_figure(figure, out / "momo_lr_sweep.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
