@@ -30,6 +30,11 @@ body, inductor inlines them into the elementwise loop, where the C++ compiler ca
 them (the loop's output pointer might alias their inputs), and a ``pow`` per vector of eight
 elements made CASMO's update pass 3.3x slower than fused AdamW's whole step on one tensor.
 
+Sums over a tensor go through :func:`wide_sum` (float64 accumulation): inductor's C++ float32
+sums switch to a cascade summation above 4096 elements and guard each tensor's size against
+that threshold, which would compile once per mix of small and large tensors in a chunk (and the
+cascade costs more than the float64 accumulation it replaces).
+
 Rules for kernel authors: never write into a 0-d tensor argument (inductor in torch 2.13
 drops writes to 0-d float64 CPU inputs: return the new value instead), and never pass the
 same tensor twice in one call (a duplicate-input guard recompiles; :meth:`Kernel.map` aliases
@@ -57,7 +62,7 @@ import torch
 import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 
-__all__ = ["Kernel", "kernel", "compiler_available", "COMPILE_FAILURES", "CHUNK"]
+__all__ = ["Kernel", "kernel", "wide_sum", "compiler_available", "COMPILE_FAILURES", "CHUNK"]
 
 #: (kernel name, device type, error) for every compile that failed and fell back to eager
 COMPILE_FAILURES: list[tuple[str, str, str]] = []
@@ -65,9 +70,12 @@ COMPILE_FAILURES: list[tuple[str, str, str]] = []
 #: tensors per compiled call in :meth:`Kernel.map`
 CHUNK = 8
 
-# inductor's C++ float32 sums over more elements than this use a cascade summation
-# (torch/_inductor/codegen/cpp.py), decided by a guard on the size
-_CPP_CASCADE_SUM_CHUNK = 4096
+
+
+def wide_sum(values: Tensor) -> Tensor:
+    """The sum of ``values`` accumulated in float64, in ``values``' dtype: more accurate than a
+    float32 sum, and compiled it needs no guard on the tensor's size (module docstring)."""
+    return values.sum(dtype=torch.float64).to(values.dtype)
 
 
 @functools.cache
@@ -163,18 +171,11 @@ def _compilable(args: Sequence[Any]) -> bool:
 
 
 def _static_key(args: Sequence[Any]) -> tuple[Any, ...]:
-    """What a compiled object is specialised on: where the tensors are, the Python values, and
-    on CPU whether the tensors are longer than the chunk from which inductor's C++ float32 sums
-    switch to a cascade summation (it guards on that size, so small and large tensors are
-    chunked apart rather than recompiling for every mix)."""
-    key = tuple(
+    """What a compiled object is specialised on: where the tensors are and the Python values."""
+    return tuple(
         ("T", a.dtype, a.device.type, a.dim() == 0) if isinstance(a, Tensor) else ("V", a)
         for a in args
     )
-    first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
-    if first is not None and first.device.type == "cpu":
-        key += (("large", first.numel() > _CPP_CASCADE_SUM_CHUNK),)
-    return key
 
 
 _copies = itertools.count()
@@ -327,8 +328,7 @@ class Kernel:
         padded = []
         for position, arg in enumerate(item):
             if isinstance(arg, Tensor) and arg.dim() >= 1:
-                length = _CPP_CASCADE_SUM_CHUNK + 1 if ("large", True) in key else 2
-                shape = (length,) if self.flatten else (length,) + (1,) * (arg.dim() - 1)
+                shape = (2,) if self.flatten else (2,) + (1,) * (arg.dim() - 1)
                 scratch_key = (key, slot, position)
                 scratch = self._scratch.get(scratch_key)
                 if scratch is None:

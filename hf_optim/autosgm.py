@@ -122,7 +122,7 @@ import torch
 from torch import Tensor
 
 from ._base import HFOptimizer, check_choice, check_range
-from ._kernels import kernel
+from ._kernels import kernel, wide_sum
 from ._reduce import accumulation_dtype, counts, finish_sums, local, reduction_group, valid_numel
 
 __all__ = ["AutoSGM", "WINDOWS", "window_factor"]
@@ -509,7 +509,7 @@ def _statistics(
         estimate, new = _numerator_estimate(
             w, g, _denominator(b, h), corr, weight_sq, corr_scale, corr_var, h, num_lrc
         )
-        estimate_sum = estimate.sum()
+        estimate_sum = wide_sum(estimate)
         if not skip_nonfinite:
             exp_avg_sq.copy_(b)
             _store_numerator_state(new, corr, weight_sq, corr_scale, corr_var, None)
@@ -572,7 +572,7 @@ def _update(
         if not per_tensor:
             a = _smoothed_numerator(numerator, estimate)
             _store(numerator, a, apply)
-            elementwise_sum = a.sum()
+            elementwise_sum = wide_sum(a)
 
     update = filtered / d + h["decoupled_decay"] * w
     _store(param, w - h["factor"] * a * update, apply)

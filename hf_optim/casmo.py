@@ -127,7 +127,7 @@ import torch
 from torch import Tensor
 
 from ._base import HFOptimizer, check_betas, check_choice, check_flag, check_range
-from ._kernels import kernel
+from ._kernels import kernel, wide_sum
 from ._reduce import accumulation_dtype, counts, finish_sums, local, reduction_group, valid_numel
 
 __all__ = ["CASMO"]
@@ -650,7 +650,7 @@ def _clamp_sums(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
     dtype = agar1.dtype  # the divisors are positive: divide the sums, not every element
-    return torch.stack([m.to(dtype).abs().sum() / agar1, v.to(dtype).sum() / agar2])
+    return torch.stack([wide_sum(m.to(dtype).abs()) / agar1, wide_sum(v.to(dtype)) / agar2])
 
 
 def _agar_scalars(
@@ -684,7 +684,7 @@ def _agar_sums(
     m, v = _agar_moments(m, v, agar1, agar2)
     signal = m.clamp(-m_bound, m_bound).square()
     noise = (v.clamp(max=v_bound) - signal).clamp(min=eps)
-    ratio_sum = (signal / (signal + noise + eps)).sum()
+    ratio_sum = wide_sum(signal / (signal + noise + eps))
     if fresh:
         nonfinite = torch.isfinite(grad).logical_not().sum().to(ratio_sum.dtype)
     else:

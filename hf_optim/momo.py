@@ -103,7 +103,7 @@ import torch
 from torch import Tensor
 
 from ._base import HFOptimizer, check_flag, check_range
-from ._kernels import kernel
+from ._kernels import kernel, wide_sum
 from ._reduce import accumulation_dtype, counts, finish_sums, local, reduction_group
 
 __all__ = ["Momo"]
@@ -128,12 +128,12 @@ def _momo_average(grad, grad_avg, weight):
 @kernel
 def _momo_moments(param, grad, grad_avg, weight):
     """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
-    \\langle x, d\\rangle, \\lVert d\\rVert^2]` with this step's :math:`d`, accumulated in
-    float32 (float64 for float64)."""
+    \\langle x, d\\rangle, \\lVert d\\rVert^2]` with this step's :math:`d`, in float32
+    (float64 for float64), each summed in float64."""
     wide = _wide(param)
     average = _momo_average(grad, grad_avg, weight)
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
-    return torch.stack([(x * g).sum(), (x * d).sum(), (d * d).sum()])
+    return torch.stack([wide_sum(x * g), wide_sum(x * d), wide_sum(d * d)])
 
 
 @kernel

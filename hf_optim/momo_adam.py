@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from ._base import HFOptimizer, check_betas, check_flag, check_range
-from ._kernels import kernel
+from ._kernels import kernel, wide_sum
 from ._reduce import accumulation_dtype
 from .momo import (
     GROUP_STATE_KEYS,
@@ -125,7 +125,7 @@ def _momo_adam_moments(param, grad, grad_avg, grad_avg_sq, step, beta1, beta2, e
     )
     wide = _wide(param)
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
-    return torch.stack([(x * g).sum(), (x * d).sum(), (d * d / denominator).sum()])
+    return torch.stack([wide_sum(x * g), wide_sum(x * d), wide_sum(d * d / denominator)])
 
 
 @kernel(scalars=_bias_correction)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_optim._kernels import kernel
+from hf_optim._kernels import kernel, wide_sum
 
 
 @kernel
@@ -31,6 +31,42 @@ def test_items_sharing_a_zero_dim_tensor_do_not_recompile_when_the_sharing_chang
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p, e)
     assert counters["stats"]["unique_graphs"] == graphs, "sharing another 0-d tensor recompiled"
+
+
+@kernel
+def _stored_sums(param, grad, avg, weight):
+    new = torch.lerp(avg, grad, weight)
+    avg.copy_(new)
+    return torch.stack([wide_sum(param * grad), wide_sum(new * new)])
+
+
+def test_sums_compile_once_for_any_mix_of_tensor_sizes():
+    """One compiled graph serves chunks mixing tensors of 3 and 70 000 elements, in either
+    order (a float32 ``.sum()`` would guard each size against inductor's cascade-summation
+    threshold, 4096, and compile again), and it equals the eager reference."""
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, 70_000, 5000, 10, 4096, 4097]
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    avgs = [torch.randn(n, generator=gen) for n in sizes]
+    weight = torch.tensor(0.1)
+    graphs = None
+    for order in (range(6), reversed(range(6)), [1, 3, 0, 5, 2, 4]):
+        order = list(order)
+        eager_avgs = [avgs[i].clone() for i in order]
+        items = [(params[i], grads[i], avgs[i], weight) for i in order]
+        expected = _stored_sums.map(
+            [(params[i], grads[i], a, weight) for i, a in zip(order, eager_avgs, strict=True)]
+        )
+        got = _stored_sums.map(items, compiled=True)
+        for i, e, g, a in zip(order, expected, got, eager_avgs, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(avgs[i], a)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, "another mix of sizes recompiled"
 
 
 def _decay_scalars(param, grad, beta, step):
