@@ -30,9 +30,9 @@ body, inductor inlines them into the elementwise loop, where the C++ compiler ca
 them (the loop's output pointer might alias their inputs), and a ``pow`` per vector of eight
 elements made CASMO's update pass 3.3x slower than fused AdamW's whole step on one tensor.
 
-Sums over a tensor go through :func:`wide_sum` (float64 accumulation): inductor's C++ float32
-sums switch to a cascade summation above 4096 elements and guard each tensor's size against
-that threshold, which would compile once per mix of small and large tensors in a chunk (and the
+Sums over a tensor go through :func:`wide_sum` (float64 accumulation on CPU): inductor's C++
+float32 sums switch to a cascade summation above 4096 elements and guard each tensor's size
+against that threshold, which would compile once per mix of small and large tensors in a chunk (and the
 cascade costs more than the float64 accumulation it replaces).
 
 Rules for kernel authors: never write into a 0-d tensor argument (inductor in torch 2.13
@@ -71,10 +71,12 @@ COMPILE_FAILURES: list[tuple[str, str, str]] = []
 CHUNK = 8
 
 
-
 def wide_sum(values: Tensor) -> Tensor:
-    """The sum of ``values`` accumulated in float64, in ``values``' dtype: more accurate than a
-    float32 sum, and compiled it needs no guard on the tensor's size (module docstring)."""
+    """The sum of ``values`` in ``values``' dtype, accumulated in float64 on CPU: compiled, it
+    then needs no guard on the tensor's size (module docstring). Other devices keep their own
+    accumulation (no such guard there, and float64 is slow or missing on some of them)."""
+    if values.device.type != "cpu":
+        return values.sum()
     return values.sum(dtype=torch.float64).to(values.dtype)
 
 

@@ -129,7 +129,7 @@ def _momo_average(grad, grad_avg, weight):
 def _momo_moments(param, grad, grad_avg, weight):
     """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
     \\langle x, d\\rangle, \\lVert d\\rVert^2]` with this step's :math:`d`, in float32
-    (float64 for float64), each summed in float64."""
+    (float64 for float64), each summed by :func:`wide_sum`."""
     wide = _wide(param)
     average = _momo_average(grad, grad_avg, weight)
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
