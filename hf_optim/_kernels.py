@@ -202,11 +202,13 @@ class Kernel:
         *,
         flatten: bool = True,
         scalars: Callable[..., tuple[Tensor, ...]] | None = None,
+        cpu_options: dict[str, Any] | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self.body = fn
         self.scalars = scalars
         self.flatten = flatten
+        self.cpu_options = dict(cpu_options or {})
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._failed_devices: set[str] = set()
         self._scratch: dict[tuple[Any, ...], Tensor] = {}
@@ -242,7 +244,9 @@ class Kernel:
 
             # CPU: no split reductions, whose size-dependent choice would guard each tensor's
             # size against a threshold (a compile per combination of small and large tensors)
-            options = {"split_reductions": False} if key_device(key) == "cpu" else {}
+            options = (
+                {"split_reductions": False, **self.cpu_options} if key_device(key) == "cpu" else {}
+            )
             compiled = torch.compile(target, dynamic=True, fullgraph=True, options=options)
             self._compiled[(key, count)] = compiled
         return compiled
@@ -357,9 +361,11 @@ def kernel(
     *,
     flatten: bool = True,
     scalars: Callable[..., tuple[Tensor, ...]] | None = None,
+    cpu_options: dict[str, Any] | None = None,
 ) -> Any:
     """Decorator: ``@kernel``, ``@kernel(flatten=False)`` for math that needs the shape,
-    ``@kernel(scalars=f)`` for a body that takes ``f``'s 0-d results as its last arguments."""
+    ``@kernel(scalars=f)`` for a body that takes ``f``'s 0-d results as its last arguments,
+    ``@kernel(cpu_options={...})`` for inductor settings of its CPU compilation."""
     if fn is None:
-        return functools.partial(Kernel, flatten=flatten, scalars=scalars)
-    return Kernel(fn, flatten=flatten, scalars=scalars)
+        return functools.partial(Kernel, flatten=flatten, scalars=scalars, cpu_options=cpu_options)
+    return Kernel(fn, flatten=flatten, scalars=scalars, cpu_options=cpu_options)

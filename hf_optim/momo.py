@@ -31,22 +31,23 @@ then :math:`\ell \leftarrow \max(h / (2c\rho_k), \ell_0)`; after it,
 
 How it runs. Each step has two per-tensor kernels around one reduction:
 
-1. :func:`_momo_moments` reads :math:`x`, :math:`g` and :math:`d`, forms the new :math:`d` in
-   registers and returns the tensor's
+1. :func:`_momo_moments` reads :math:`x`, :math:`g` and :math:`d`, forms the new :math:`d`,
+   writes it (unless a step may still be skipped, below) and returns the tensor's
    :math:`[\langle x, g\rangle, \langle x, d\rangle, \lVert d\rVert^2]`;
 2. the rows of all tensors are stacked and finished by one
    :func:`~hf_optim._reduce.finish_sums` call (one all-reduce under sharding); :math:`\gamma`,
    :math:`\bar f` and the per-group :math:`\tau` are computed on the device;
-3. :func:`_momo_update` forms :math:`d` again and writes :math:`d` and :math:`x`.
+3. :func:`_momo_update` reads :math:`x` and :math:`d` and writes :math:`x`.
 
-That is 32 bytes of memory traffic per float32 parameter per step in two passes (fused AdamW:
-28 in one). Storing :math:`d` in the first pass instead would make it 28, but measured slower
-on CPU (a reduction pass that also writes), and a first pass that only reads is what lets a
-non-finite step leave everything as it was. ``implementation="compiled"`` (the default where a
-compiler works) runs both kernels through ``torch.compile``; ``"eager"`` runs the same functions
-as written. Compiled, each phase runs 8 tensors per compiled
-call (:meth:`hf_optim._kernels.Kernel.map`): one call costs more Python than a small tensor's
-arithmetic.
+That is 28 bytes of memory traffic per float32 parameter per step in two passes, as fused
+AdamW's 28 in one, but 20 of them reads against AdamW's 16 (on CPU, where a pass costs about
+what it reads, 1.25x). A non-finite loss is known before phase 1, so its skip needs no other
+shape. With ``skip_nonfinite=True`` whether the gradients are finite is known only after
+phase 1, so that pass writes nothing and phase 3 forms :math:`d` again from :math:`g` (32
+bytes, 24 read). ``implementation="compiled"`` (the default where a compiler works) runs both
+kernels through ``torch.compile``; ``"eager"`` runs the same functions as written. Compiled,
+each phase runs 8 tensors per compiled call (:meth:`hf_optim._kernels.Kernel.map`): one call
+costs more Python than a small tensor's arithmetic.
 
 Deviations from momo-opt 0.1.0, and why:
 
@@ -125,26 +126,37 @@ def _momo_average(grad, grad_avg, weight):
     return torch.lerp(grad_avg.to(wide), grad.to(wide), weight.to(wide)).to(grad_avg.dtype)
 
 
-@kernel
-def _momo_moments(param, grad, grad_avg, weight):
-    """Phase 1 for one tensor (reads only): the tensor's :math:`[\\langle x, g\\rangle,
+#: a value used by both a store and a sum becomes a buffer where it is computed, which lets
+#: inductor's C++ backend do phase 1's store of ``d`` and its sums in one loop (two otherwise)
+_ONE_LOOP = {"realize_reads_threshold": 0}
+
+
+@kernel(cpu_options=_ONE_LOOP)
+def _momo_moments(param, grad, grad_avg, weight, ok, store):
+    """Phase 1 for one tensor: the tensor's :math:`[\\langle x, g\\rangle,
     \\langle x, d\\rangle, \\lVert d\\rVert^2]` with this step's :math:`d`, in float32
-    (float64 for float64), each summed by :func:`wide_sum`."""
+    (float64 for float64), each summed by :func:`wide_sum`. With ``store`` the new :math:`d`
+    is also written (where ``ok``); otherwise nothing is."""
     wide = _wide(param)
     average = _momo_average(grad, grad_avg, weight)
+    if store:
+        grad_avg.copy_(torch.where(ok, average, grad_avg))
     x, g, d = param.to(wide), grad.to(wide), average.to(wide)
     return torch.stack([wide_sum(x * g), wide_sum(x * d), wide_sum(d * d)])
 
 
 @kernel
-def _momo_update(param, grad, grad_avg, weight, tau, shrink, ok):
-    """Phase 2 for one tensor: :math:`d` again (recomputing it costs no memory traffic that
-    storing it in phase 1 would save) and :math:`x \\leftarrow (x - \\tau d) / c`. Nothing
-    changes where ``ok`` is false."""
+def _momo_update(param, grad, grad_avg, weight, tau, shrink, ok, stored):
+    """Phase 2 for one tensor: :math:`x \\leftarrow (x - \\tau d) / c`, with the :math:`d`
+    phase 1 ``stored``, or else formed again here and written. Nothing changes where ``ok`` is
+    false."""
     wide = _wide(param)
-    average = _momo_average(grad, grad_avg, weight)
+    if stored:
+        average = grad_avg
+    else:
+        average = _momo_average(grad, grad_avg, weight)
+        grad_avg.copy_(torch.where(ok, average, grad_avg))
     new = (param.to(wide) - tau.to(wide) * average.to(wide)) / shrink.to(wide)
-    grad_avg.copy_(torch.where(ok, average, grad_avg))
     param.copy_(torch.where(ok, new.to(param.dtype), param))
 
 
@@ -341,9 +353,11 @@ def _store_global_state(
 
 
 def _write_gammas(optimizer: HFOptimizer, params: list[Tensor], gammas: Tensor, ok: Tensor) -> None:
-    for p, gamma in zip(params, gammas.unbind(0), strict=True):
-        stored = optimizer.state[p]["grad_dot_w"]
-        stored.copy_(torch.where(ok, gamma.to(stored.dtype), stored))
+    """Three ops for all parameters (one ``where`` and ``copy_`` each cost more than a small
+    tensor's kernel)."""
+    stored = [optimizer.state[p]["grad_dot_w"] for p in params]
+    kept = torch.where(ok, gammas, torch.stack([gamma.to(gammas.dtype) for gamma in stored]))
+    torch._foreach_copy_(stored, list(kept.unbind(0)))
 
 
 def _below_lb_message(optimizer: HFOptimizer, what: str, value: float, lb: float) -> str:
@@ -477,9 +491,12 @@ class Momo(HFOptimizer):
         loss_avg = torch.lerp(previous["loss_avg"], loss, weights[-1])
 
         compiled = self._compiled(first)
+        # d is stored in phase 1 unless a skip must wait for the step's sums
+        store = not any(group["skip_nonfinite"] for group in groups)
+        loss_ok = torch.isfinite(loss)
         rows = _momo_moments.map(
             [
-                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight)
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, loss_ok, store)
                 for params_of_group, weight in zip(active, weights, strict=True)
                 for p in params_of_group
             ],
@@ -505,7 +522,8 @@ class Momo(HFOptimizer):
         ):
             shrink = 1.0 + lr * weight_decay
             updates += [
-                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, tau, shrink, ok)
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, tau, shrink, ok,
+                 store)  # fmt: skip
                 for p in params_of_group
             ]
         _momo_update.map(updates, compiled=compiled)

@@ -154,6 +154,9 @@ def test_bench_trainer_prints_a_row_per_optim_name(tmp_path) -> None:
     rows = {row["name"]: row for row in result["rows"]}
     assert set(rows) == {"adamw_torch_fused", "momo", "casmo", "amac"} and not result["failed"]
     assert rows["adamw_torch_fused"]["ratio"] == 1.0
+    assert rows["adamw_torch_fused"]["ratio_paired"] == 1.0
     for row in rows.values():
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["tokens_per_s"] > 0
+        assert math.isfinite(row["ratio_paired"]) and row["ratio_paired"] > 0
+        assert 0 < row["optimizer_ms"] < row["ms"] and row["rest_ratio"] > 0
     assert isinstance(rows["momo"]["met"], bool)

@@ -395,6 +395,35 @@ def masked_batch_loss(model, step, x, y, masked_steps):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_momo_stores_momentum_in_either_phase_with_the_same_result(implementation) -> None:
+    """Without ``skip_nonfinite`` phase 1 stores the new ``d`` and phase 2 reads it back; with
+    it phase 1 writes nothing and phase 2 forms ``d`` again. On finite steps the two shapes
+    are the same math: bitwise equal eagerly, to rounding compiled (two different graphs)."""
+    runs = {}
+    for skip in (False, True):
+        model, optimizer, taus = run(
+            lambda groups, skip=skip: Momo(
+                groups, lr=1.0, weight_decay=0.01, implementation=implementation,
+                skip_nonfinite=skip,
+            ),  # fmt: skip
+            second_group=SECOND_GROUPS["two-groups"],
+            steps=20,
+        )
+        runs[skip] = (model, optimizer, taus)
+    (stored, stored_opt, stored_taus), (formed, formed_opt, formed_taus) = runs[False], runs[True]
+    assert len(set(stored_taus)) > 1  # the Polyak step acted, not only the cap
+    if implementation == "eager":
+        assert stored_taus == formed_taus
+        assert_same_params(stored, formed, rtol=0, atol=0)
+    else:
+        assert_same_params(stored, formed, rtol=1e-9, atol=1e-11)
+    for p, q in zip(stored.parameters(), formed.parameters(), strict=True):
+        torch.testing.assert_close(
+            stored_opt.state[p]["grad_avg"], formed_opt.state[q]["grad_avg"], rtol=1e-9, atol=1e-11
+        )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "cls,kwargs", [(Momo, {"lr": 10.0}), (MomoAdam, {"lr": 1.0})], ids=["momo", "momo_adam"]
 )
