@@ -905,7 +905,6 @@ class AutoSGM(HFOptimizer):
                 group["skipped_steps"].add_(skipped)
 
         # phase 2: the update
-        always = torch.ones((), dtype=torch.bool, device=local(work[0][1][0]).device)
         elementwise = []
         for group, params, hypers, factor, scalars in work:
             keep = apply
@@ -934,7 +933,7 @@ class AutoSGM(HFOptimizer):
                     local(self.state[p]["momentum"]),
                     *statistic_tensors(p),
                     numerator_state,
-                    always if keep is None else keep,
+                    keep,  # None without skip_nonfinite: no select per element
                     *hypers[p.dtype],
                     *_in_dtype(own, p),
                 )
