@@ -43,7 +43,7 @@ That is 28 bytes of memory traffic per float32 parameter per step in two passes,
 AdamW's 28 in one, but 20 of them reads against AdamW's 16 (on CPU, where a pass costs about
 what it reads, 1.25x). A non-finite loss is known before phase 1, so its skip needs no other
 shape. With ``skip_nonfinite=True`` whether the gradients are finite is known only after
-phase 1, so that pass writes nothing and phase 3 forms :math:`d` again from :math:`g` (32
+phase 1, so that pass writes nothing and the update forms :math:`d` again from :math:`g` (32
 bytes, 24 read). ``implementation="compiled"`` (the default where a compiler works) runs both
 kernels through ``torch.compile``; ``"eager"`` runs the same functions as written. Compiled,
 each phase runs 8 tensors per compiled call (:meth:`hf_optim._kernels.Kernel.map`): one call
