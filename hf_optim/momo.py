@@ -260,19 +260,20 @@ def _new_gammas(
     active: list[list[Tensor]],
     sums: Tensor,
     weights: Sequence[Tensor],
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Each parameter's :math:`\\gamma \\leftarrow \\mathrm{lerp}(\\gamma, \\langle x, g\\rangle,
-    w)` from the finished rows, with its group's weight ``w``, as one vector."""
+    w)` from the finished rows, with its group's weight ``w``, as one vector; and the previous
+    :math:`\\gamma` as one vector (what a skipped step keeps)."""
     dtype = sums.dtype
+    params = [p for group_params in active for p in group_params]
+    previous = torch.stack([optimizer.state[p]["grad_dot_w"].to(dtype) for p in params])
     pieces, start = [], 0
-    for params, weight in zip(active, weights, strict=True):
-        if not params:
-            continue
-        old = torch.stack([optimizer.state[p]["grad_dot_w"].to(dtype) for p in params])
-        end = start + len(params)
-        pieces.append(torch.lerp(old, sums[start:end, 0], weight.to(dtype)))
+    for group_params, weight in zip(active, weights, strict=True):
+        end = start + len(group_params)
+        if end > start:
+            pieces.append(torch.lerp(previous[start:end], sums[start:end, 0], weight.to(dtype)))
         start = end
-    return torch.cat(pieces)
+    return torch.cat(pieces), previous
 
 
 def _polyak_step_sizes(
@@ -319,10 +320,10 @@ def _polyak_step_sizes(
     return taus, rates, fstar
 
 
-def _skip_decision(groups: list[dict[str, Any]], loss: Tensor, rows: Tensor) -> Tensor:
+def _skip_decision(groups: list[dict[str, Any]], loss_finite: Tensor, rows: Tensor) -> Tensor:
     """Whether this step runs (0-d bool): the loss is finite and, where a group asks for
     ``skip_nonfinite``, so is every sum of the step (non-finite exactly when a gradient is)."""
-    ok = torch.isfinite(loss)
+    ok = loss_finite
     if any(group["skip_nonfinite"] for group in groups):
         ok = ok & torch.isfinite(rows).all()
     return ok
@@ -352,12 +353,13 @@ def _store_global_state(
             group["fstar"] = fstar
 
 
-def _write_gammas(optimizer: HFOptimizer, params: list[Tensor], gammas: Tensor, ok: Tensor) -> None:
-    """Three ops for all parameters (one ``where`` and ``copy_`` each cost more than a small
-    tensor's kernel)."""
+def _write_gammas(
+    optimizer: HFOptimizer, params: list[Tensor], gammas: Tensor, previous: Tensor, ok: Tensor
+) -> None:
+    """Two ops for all parameters (a ``where`` and a ``copy_`` each would cost more than a
+    small tensor's kernel)."""
     stored = [optimizer.state[p]["grad_dot_w"] for p in params]
-    kept = torch.where(ok, gammas, torch.stack([gamma.to(gammas.dtype) for gamma in stored]))
-    torch._foreach_copy_(stored, list(kept.unbind(0)))
+    torch._foreach_copy_(stored, list(torch.where(ok, gammas, previous).unbind(0)))
 
 
 def _below_lb_message(optimizer: HFOptimizer, what: str, value: float, lb: float) -> str:
@@ -493,18 +495,18 @@ class Momo(HFOptimizer):
         compiled = self._compiled(first)
         # d is stored in phase 1 unless a skip must wait for the step's sums
         store = not any(group["skip_nonfinite"] for group in groups)
-        loss_ok = torch.isfinite(loss)
+        loss_finite = torch.isfinite(loss)
         rows = _momo_moments.map(
             [
-                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, loss_ok, store)
+                (_real(p), _real(p.grad), _real(self.state[p]["grad_avg"]), weight, loss_finite, store)
                 for params_of_group, weight in zip(active, weights, strict=True)
                 for p in params_of_group
             ],
             compiled=compiled,
         )
         sums = _finish_rows(rows, params, like.dtype)
-        ok = _skip_decision(groups, loss, sums)
-        gammas = _new_gammas(self, active, sums, weights)
+        ok = _skip_decision(groups, loss_finite, sums)
+        gammas, previous_gammas = _new_gammas(self, active, sums, weights)
         totals = torch.stack([(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()])
 
         step = (previous["step"] + 1).to(like.dtype)
@@ -527,5 +529,5 @@ class Momo(HFOptimizer):
                 for p in params_of_group
             ]
         _momo_update.map(updates, compiled=compiled)
-        _write_gammas(self, params, gammas, ok)
+        _write_gammas(self, params, gammas, previous_gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

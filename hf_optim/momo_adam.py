@@ -285,8 +285,8 @@ class MomoAdam(HFOptimizer):
             compiled=compiled,
         )
         sums = _finish_rows(rows, params, like.dtype)
-        ok = _skip_decision(groups, loss, sums)
-        gammas = _new_gammas(self, active, sums, weights)
+        ok = _skip_decision(groups, torch.isfinite(loss), sums)
+        gammas, previous_gammas = _new_gammas(self, active, sums, weights)
         totals = torch.stack([(sums[:, 1] - gammas).sum(), gammas.sum(), sums[:, 2].sum()])
 
         step = (previous["step"] + 1).to(like.dtype)
@@ -312,5 +312,5 @@ class MomoAdam(HFOptimizer):
         steps = [self.state[p]["step"] for p in params]
         # a list of 0-d tensors: the single-tensor overload reads the scalar on the host
         torch._foreach_add_(steps, [ok.to(torch.float32)] * len(steps))
-        _write_gammas(self, params, gammas, ok)
+        _write_gammas(self, params, gammas, previous_gammas, ok)
         _store_global_state(groups, previous, ok, loss_avg, fstar, taus)

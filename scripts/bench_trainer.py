@@ -18,7 +18,8 @@ step's time, and two throughput ratios to ``adamw_torch_fused`` (target: at leas
   taken as the median over all runs of the round, ``(rest + step_adamw) / (rest + step_name)``.
   The rest does the same work for every name, but its time scatters from run to run by more
   than an optimizer step costs; pairing removes that scatter from the comparison. The
-  ``rest x fused`` column shows whether the premise holds (about 1 for every name).
+  ``rest x fused`` column shows how far the premise holds (each name's own rest over fused
+  AdamW's: 1 up to the run-to-run scatter).
 
     python scripts/bench_trainer.py                      # every hf-optim name, CPU, 1 thread
     python scripts/bench_trainer.py --names momo casmo --rounds 5
